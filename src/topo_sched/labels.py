@@ -58,3 +58,19 @@ LABEL_K8S_RACK = "topology.kubernetes.io/rack"
 LABEL_GPU_CLIQUE = "nvidia.com/gpu.clique"
 #: The node itself.
 LABEL_HOSTNAME = "kubernetes.io/hostname"
+
+# --- Per-RBG placement overrides: annotations on the role's pod template ------------------------
+# Invalid values are reported in the filter result and the cluster defaults are used instead.
+
+#: "required" (filter nodes that cannot give one NVLink island or NUMA node) or "preferred".
+ANNOTATION_INTRA_NODE = "topo-sched.io/intra-node"
+#: Level (label key or kind: rack, block, clique, ...) one leader/worker instance must share.
+ANNOTATION_PACK_LEVEL = "topo-sched.io/pack-level"
+#: "required" or "preferred" for instance packing.
+ANNOTATION_PACK_MODE = "topo-sched.io/pack-mode"
+#: Level across which a role's instances are spread; setting it turns spreading on.
+ANNOTATION_SPREAD_LEVEL = "topo-sched.io/spread-level"
+#: KV-cache bytes per token of the served model; scales the prefill-decode proximity weight.
+ANNOTATION_KV_BYTES_PER_TOKEN = "topo-sched.io/kv-bytes-per-token"
+#: Term weights, e.g. "pd_proximity=4,spread=1"; terms not named keep the cluster default.
+ANNOTATION_WEIGHTS = "topo-sched.io/weights"

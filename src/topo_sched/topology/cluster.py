@@ -69,30 +69,47 @@ NOTHING_SHARED = Level("", LevelKind.REGION)
 
 
 class ClusterTopology:
-    """Node name -> position in the level tree; answers "finest level two nodes share"."""
+    """Node name -> position in the level tree; answers "finest level two nodes share".
+
+    Levels no node carries are dropped at construction (HOST always stays), so every query
+    walks only the levels this cluster uses.
+    """
 
     def __init__(
-        self, node_labels: Mapping[str, Mapping[str, str]], levels: Sequence[Level] = DEFAULT_LEVELS
+        self,
+        node_labels: Mapping[str, Mapping[str, str]],
+        levels: Sequence[Level] = DEFAULT_LEVELS,
     ):
-        self.levels = tuple(levels)
-        self._paths: dict[str, tuple[str | None, ...]] = {
-            name: self._path(name, lbls) for name, lbls in node_labels.items()
-        }
+        used = {k for lbls in node_labels.values() for k in lbls}
+        self.levels = tuple(lv for lv in levels if lv.kind is LevelKind.HOST or lv.label in used)
+        if not self.levels or self.levels[-1].kind is not LevelKind.HOST:
+            self.levels = (*self.levels, Level(L.LABEL_HOSTNAME, LevelKind.HOST))
+        self._index = {lv: i for i, lv in enumerate(self.levels)}
+        self._paths: dict[str, tuple[str | None, ...]] = {}
+        self._domains: dict[str, tuple[str | None, ...]] = {}
+        for name, lbls in node_labels.items():
+            self.add_node(name, lbls)
 
-    def _path(self, name: str, lbls: Mapping[str, str]) -> tuple[str | None, ...]:
-        return tuple(
-            (lbls.get(lv.label) or name) if lv.kind is LevelKind.HOST else lbls.get(lv.label)
-            for lv in self.levels
+    def add_node(self, name: str, lbls: Mapping[str, str]) -> None:
+        path = tuple(
+            name if lv.kind is LevelKind.HOST else lbls.get(lv.label) for lv in self.levels
         )
+        self._paths[name] = path
+        domains: list[str | None] = []
+        prefix = ""
+        for v in path:
+            if v is None:
+                domains.append(None)
+            else:
+                prefix = f"{prefix}/{v}"
+                domains.append(prefix)
+        self._domains[name] = tuple(domains)
 
     def __contains__(self, name: str) -> bool:
         return name in self._paths
 
-    def value(self, node: str, level: Level) -> str | None:
-        path = self._paths.get(node)
-        if path is None:
-            return None
-        return path[self.levels.index(level)]
+    def index_of(self, level: Level) -> int:
+        return self._index[level]
 
     def shared_level(self, a: str, b: str) -> Level:
         """The finest level both nodes share (HOST for the same node)."""
@@ -115,17 +132,17 @@ class ClusterTopology:
         shared = self.shared_level(a, b)
         if shared is NOTHING_SHARED:
             return len(self.levels)
-        return len(self.levels) - 1 - self.levels.index(shared)
+        return len(self.levels) - 1 - self._index[shared]
+
+    def domains(self, node: str) -> tuple[str | None, ...] | None:
+        """Per level, a key naming the node's subtree there (e.g. "/zone-a/rack-3"), or None."""
+        return self._domains.get(node)
 
     def domain(self, node: str, level: Level) -> str | None:
-        """A key naming the level's subtree the node is in (e.g. zone-a/rack-3), or None."""
-        path = self._paths.get(node)
-        if path is None:
+        d = self._domains.get(node)
+        if d is None or level not in self._index:
             return None
-        i = self.levels.index(level)
-        if path[i] is None:
-            return None
-        return "/".join(v for v in path[: i + 1] if v is not None)
+        return d[self._index[level]]
 
     def level_named(self, key: str) -> Level | None:
         """A level by label key or by kind name ("rack", "block", ...): the finest match."""

@@ -1,0 +1,296 @@
+"""The placement engine: filter, prioritize and explain for one pod against a snapshot.
+
+This is the ONE scoring implementation: the extender's HTTP verbs, the gRPC what-if service
+and the simulator all call it. Typed results tell "this node cannot take the pod" (a
+Rejection, per node, resolvable by preemption or not) from "the request is broken"
+(PodSpecError, raised).
+
+Non-RBG pods get the neutral answer: every node passes, every node scores the same, so
+nothing here can block or steer a pod that is not ours. A node name the snapshot does not
+know (a node that just joined) passes with a neutral score.
+
+Pure and stateless apart from a small memo of per-pod contexts (keyed by snapshot identity
+and pod key), so that prioritize reuses what filter computed in the same cycle. Safe to call
+from several threads: the memo is a bounded dict replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from topo_sched.placement.config import PlacementConfig, resolve_pod_policy
+from topo_sched.placement.pods import PodInfo, pod_info
+from topo_sched.placement.snapshot import ClusterSnapshot, NodeState
+from topo_sched.placement.terms import ALL_TERMS, DomainCounts, PodContext, Rejection, Term
+
+log = logging.getLogger(__name__)
+
+MAX_SCORE = 10  # kube-scheduler's MaxExtenderPriority
+NEUTRAL_SCORE = 5
+NON_RBG_SCORE = 0
+
+
+@dataclass
+class FilterOutcome:
+    passed: list[str]
+    failed: dict[str, str] = field(default_factory=dict)  # preemption may help
+    unresolvable: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    is_rbg: bool = False
+    #: node -> rejection code, for metrics (bounded label values)
+    codes: dict[str, str] = field(default_factory=dict)
+    unknown_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NodeVerdict:
+    node: str
+    passed: bool
+    code: str | None = None
+    reason: str | None = None
+    terms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    total: float | None = None
+    score: int | None = None
+    gpus: tuple[int, ...] = ()
+    locality: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"node": self.node, "passed": self.passed}
+        if not self.passed:
+            d.update(code=self.code, reason=self.reason)
+        else:
+            d.update(
+                score=self.score,
+                total=None if self.total is None else round(self.total, 4),
+                terms=self.terms,
+                gpus=list(self.gpus),
+                locality=self.locality,
+            )
+        if self.reason and self.passed:
+            d["note"] = self.reason
+        return d
+
+
+@dataclass
+class Explanation:
+    pod: str
+    is_rbg: bool
+    gpus: int
+    warnings: list[str]
+    nodes: list[NodeVerdict]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "rbg": self.is_rbg,
+            "gpus": self.gpus,
+            "warnings": self.warnings,
+            "nodes": [v.to_dict() for v in self.nodes],
+        }
+
+
+def normalise(totals: Sequence[float | None]) -> list[int]:
+    """Weighted totals (0..1) -> 0..10, stretched over the candidates (best = 10).
+
+    Stretching keeps the ranking while using the whole range kube-scheduler multiplies by the
+    extender weight; integer rounding of raw totals would merge nodes 0.05 apart. No opinion
+    (None) and a field where every node ties map to the neutral score.
+    """
+    known = [t for t in totals if t is not None]
+    if not known:
+        return [NEUTRAL_SCORE] * len(totals)
+    lo, hi = min(known), max(known)
+    if hi - lo < 1e-9:
+        return [NEUTRAL_SCORE if t is None else round(hi * MAX_SCORE) for t in totals]
+    return [
+        NEUTRAL_SCORE if t is None else round(MAX_SCORE * (t - lo) / (hi - lo)) for t in totals
+    ]
+
+
+class PlacementEngine:
+    def __init__(self, config: PlacementConfig | None = None, terms: Sequence[Term] = ALL_TERMS):
+        self.config = config or PlacementConfig()
+        self.terms = tuple(terms)
+        self._memo: dict[tuple[int, str, str | None], PodContext] = {}
+
+    # -- context -------------------------------------------------------------------------------
+
+    def context(self, snap: ClusterSnapshot, pod: Mapping[str, Any] | PodInfo) -> PodContext:
+        info = pod if isinstance(pod, PodInfo) else pod_info(pod)
+        key = (id(snap), info.key, info.uid)
+        ctx = self._memo.get(key)
+        if ctx is not None and ctx.snap is snap:
+            return ctx
+        ctx = self._build_context(snap, info)
+        if len(self._memo) > 256:
+            self._memo = {}
+        self._memo[key] = ctx
+        return ctx
+
+    def _build_context(self, snap: ClusterSnapshot, info: PodInfo) -> PodContext:
+        policy, warnings = resolve_pod_policy(snap.config, info.annotations)
+        ctx = PodContext(pod=info, policy=policy, snap=snap)
+        ctx.warnings = warnings
+        rbg = info.rbg
+        if rbg is None:
+            return ctx
+        cluster = snap.cluster
+        group = [
+            p for p in snap.group_placements(info.namespace, rbg.group) if p.pod.key != info.key
+        ]
+        side = rbg.pd_side
+        if side is not None:
+            other = [p.node for p in group if p.pod.rbg and p.pod.rbg.pd_side not in (None, side)]
+            ctx.counterparts = DomainCounts(cluster, other) if other else None
+        if rbg.instance:
+            ctx.members = [
+                p
+                for p in group
+                if p.pod.rbg and p.pod.rbg.role == rbg.role and p.pod.rbg.instance == rbg.instance
+            ]
+            if ctx.members:
+                ctx.members_domains = DomainCounts(cluster, [m.node for m in ctx.members])
+        ctx.pack_level = cluster.level_named(policy.pack_level)
+        if policy.pack_level and ctx.pack_level is None and ctx.members:
+            ctx.warnings.append(
+                f"pack level {policy.pack_level!r} is not a level of this cluster; not enforced"
+            )
+        if policy.spread_level:
+            ctx.spread_level = cluster.level_named(policy.spread_level)
+            peers = [
+                p.node
+                for p in group
+                if p.pod.rbg
+                and p.pod.rbg.role == rbg.role
+                and (rbg.instance is None or p.pod.rbg.instance != rbg.instance)
+            ]
+            if ctx.spread_level is not None:
+                ctx.spread_counts = DomainCounts(cluster, peers)
+        if info.key not in snap.placements:
+            ctx.previous_node = snap.history.get(info.key)
+        return ctx
+
+    # -- verbs ---------------------------------------------------------------------------------
+
+    def _reject(self, ctx: PodContext, node: NodeState) -> Rejection | None:
+        k = ctx.pod.gpus
+        if k > node.gpu_allocatable:
+            return Rejection(
+                "too-few-gpus",
+                f"needs {k} GPUs, node has {node.gpu_allocatable} allocatable",
+                resolvable=False,
+            )
+        if k > node.free_count:
+            return Rejection(
+                "gpus-in-use", f"needs {k} GPUs, {node.free_count} free", resolvable=True
+            )
+        for term in self.terms:
+            if getattr(ctx.policy.weights, term.name, 1.0) == 0 and term.name != "intra_node_fit":
+                continue
+            r = term.check(ctx, node)
+            if r is not None:
+                return r
+        return None
+
+    def filter(
+        self, snap: ClusterSnapshot, pod: Mapping[str, Any], node_names: Sequence[str]
+    ) -> FilterOutcome:
+        ctx = self.context(snap, pod)
+        out = FilterOutcome(passed=[], warnings=list(ctx.warnings), is_rbg=ctx.pod.rbg is not None)
+        if not out.is_rbg:
+            out.passed = list(node_names)
+            return out
+        for name in node_names:
+            node = snap.nodes.get(name)
+            if node is None:
+                out.unknown_nodes.append(name)
+                out.passed.append(name)
+                continue
+            r = self._reject(ctx, node)
+            if r is None:
+                out.passed.append(name)
+            else:
+                (out.failed if r.resolvable else out.unresolvable)[name] = r.reason
+                out.codes[name] = r.code
+        return out
+
+    def _weighted(self, ctx: PodContext, node: NodeState) -> tuple[float | None, dict]:
+        weights = ctx.policy.weights
+        num = den = 0.0
+        detail: dict[str, dict[str, float | None]] = {}
+        for term in self.terms:
+            w = getattr(weights, term.name)
+            if term.name == "pd_proximity" and ctx.policy.kv_bytes_per_token:
+                ratio = ctx.policy.kv_bytes_per_token / ctx.policy.reference_kv_bytes_per_token
+                w *= min(4.0, max(0.25, ratio))
+            if w <= 0:
+                continue
+            s = term.score(ctx, node)
+            detail[term.name] = {"score": None if s is None else round(s, 4), "weight": w}
+            if s is not None:
+                num += w * s
+                den += w
+        return (num / den if den else None), detail
+
+    def prioritize(
+        self, snap: ClusterSnapshot, pod: Mapping[str, Any], node_names: Sequence[str]
+    ) -> list[tuple[str, int]]:
+        ctx = self.context(snap, pod)
+        if ctx.pod.rbg is None:
+            return [(n, NON_RBG_SCORE) for n in node_names]
+        totals: list[float | None] = []
+        for name in node_names:
+            node = snap.nodes.get(name)
+            totals.append(None if node is None else self._weighted(ctx, node)[0])
+        return list(zip(node_names, normalise(totals), strict=True))
+
+    def explain(
+        self,
+        snap: ClusterSnapshot,
+        pod: Mapping[str, Any],
+        node_names: Sequence[str] | None = None,
+    ) -> Explanation:
+        ctx = self.context(snap, pod)
+        names = list(node_names) if node_names is not None else sorted(snap.nodes)
+        verdicts = []
+        for name in names:
+            node = snap.nodes.get(name)
+            if node is None:
+                verdicts.append(
+                    NodeVerdict(name, True, reason="unknown node: neutral", score=NEUTRAL_SCORE)
+                )
+                continue
+            if ctx.pod.rbg is None:
+                verdicts.append(NodeVerdict(name, True, reason="not an RBG pod", score=0))
+                continue
+            r = self._reject(ctx, node)
+            if r is not None:
+                verdicts.append(NodeVerdict(name, False, code=r.code, reason=r.reason))
+                continue
+            total, detail = self._weighted(ctx, node)
+            fit = ctx.fit(node)
+            verdicts.append(
+                NodeVerdict(
+                    name,
+                    True,
+                    terms=detail,
+                    total=total,
+                    gpus=fit.gpus,
+                    locality=fit.locality.label if node.has_topology else None,
+                    reason=node.data_problem,
+                )
+            )
+        scored = [v for v in verdicts if v.passed and v.terms]
+        for v, sc in zip(scored, normalise([v.total for v in scored]), strict=True):
+            v.score = sc
+        verdicts.sort(key=lambda v: (not v.passed, -(v.score or 0), -(v.total or 0), v.node))
+        return Explanation(
+            pod=ctx.pod.key,
+            is_rbg=ctx.pod.rbg is not None,
+            gpus=ctx.pod.gpus,
+            warnings=list(ctx.warnings),
+            nodes=verdicts,
+        )
