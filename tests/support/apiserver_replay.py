@@ -65,7 +65,9 @@ import kubernetes.client
 import pytest
 
 DEFAULT_IGNORED_PARAMS: frozenset[str] = frozenset({"timeoutSeconds"})
-BOOL_PARAMS: frozenset[str] = frozenset({"watch", "allowWatchBookmarks", "sendInitialEvents", "force"})
+BOOL_PARAMS: frozenset[str] = frozenset(
+    {"watch", "allowWatchBookmarks", "sendInitialEvents", "force"}
+)
 _TRUE = {"1", "true", "True", "TRUE"}
 _FALSE = {"0", "false", "False", "FALSE"}
 
@@ -139,7 +141,9 @@ def _normalise_value(key: str, value: str) -> str:
     return value
 
 
-def normalise_path(path: str, ignored_params: frozenset[str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+def normalise_path(
+    path: str, ignored_params: frozenset[str]
+) -> tuple[str, tuple[tuple[str, str], ...]]:
     """The comparable form of a path with query: decoded path, sorted decoded parameters."""
     parts = urlsplit(path)
     params = [

@@ -64,7 +64,9 @@ def build_api_client(
 ) -> kubernetes.client.ApiClient:
     """An ApiClient from the first configuration source that applies (see module doc)."""
     if server:
-        return kubernetes.client.ApiClient(_explicit_configuration(server, token, ca_cert, verify_ssl))
+        return kubernetes.client.ApiClient(
+            _explicit_configuration(server, token, ca_cert, verify_ssl)
+        )
     tried = ["explicit server URL: not given"]
     if kubeconfig is not None:
         path = str(Path(kubeconfig).expanduser())
@@ -114,7 +116,9 @@ def _kubeconfig_configuration(
     except (ConfigException, OSError, ValueError, TypeError) as exc:
         tried.append(f"kubeconfig {path}{_context_note(context)}: {exc}")
         raise KubeConfigError(tried) from exc
-    log.info("Kubernetes API: kubeconfig %s%s -> %s", path, _context_note(context), configuration.host)
+    log.info(
+        "Kubernetes API: kubeconfig %s%s -> %s", path, _context_note(context), configuration.host
+    )
     return configuration
 
 

@@ -16,7 +16,8 @@ for the record but is not a guard against binding a recreated pod of the same na
 
 The response is read raw (``_preload_content=False``): the Python client would try to read the
 ``Status`` body as a ``V1Binding`` and raise a pydantic ``ValidationError`` after the pod was
-bound. The client also sends this POST without a Content-Type unless told, so it is set.
+bound. The generated client sends this POST without a Content-Type (and ignores
+``_content_type`` for it), so the header is passed explicitly.
 
 Concurrency: no state; safe to call from any thread with a shared ``ApiClient``.
 """
@@ -63,7 +64,7 @@ def create_binding(
             pod,
             namespace,
             _binding_body(namespace, pod, node, uid),
-            _content_type="application/json",
+            _headers={"Content-Type": "application/json"},
         )
     except Conflict as exc:
         return _already_assigned(exc, namespace, pod, node)
@@ -71,7 +72,9 @@ def create_binding(
     return BindResult(namespace, pod, node)
 
 
-def _binding_body(namespace: str, pod: str, node: str, uid: str | None) -> kubernetes.client.V1Binding:
+def _binding_body(
+    namespace: str, pod: str, node: str, uid: str | None
+) -> kubernetes.client.V1Binding:
     return kubernetes.client.V1Binding(
         api_version="v1",
         kind="Binding",
@@ -89,5 +92,7 @@ def _already_assigned(exc: Conflict, namespace: str, pod: str, node: str) -> Bin
         raise AlreadyBoundElsewhere(
             bound_node, exc.status, exc.reason, exc.message, details=exc.details, body=exc.body
         ) from exc
-    log.info("pod %s/%s already bound to node %s; bind retry treated as success", namespace, pod, node)
+    log.info(
+        "pod %s/%s already bound to node %s; bind retry treated as success", namespace, pod, node
+    )
     return BindResult(namespace, pod, node, already_bound=True)

@@ -169,6 +169,7 @@ class ListWatch:
         """
         if self._thread is not None:
             raise RuntimeError(f"ListWatch {self.name} runs in a thread; run_once is not allowed")
+        self._stop.clear()
         self._pass(max(1, math.ceil(timeout_seconds)))
 
     def start(self) -> None:
@@ -176,7 +177,9 @@ class ListWatch:
         if self._thread is not None:
             raise RuntimeError(f"ListWatch {self.name} already started")
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run_forever, name=f"listwatch-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_forever, name=f"listwatch-{self.name}", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -222,7 +225,9 @@ class ListWatch:
             self._relist()
 
     def _relist(self) -> None:
-        result = list_all(self._list_func, *self._list_args, page_size=self._page_size, **self._selectors)
+        result = list_all(
+            self._list_func, *self._list_args, page_size=self._page_size, **self._selectors
+        )
         fresh = {object_key(obj): obj for obj in result.items}
         with self._lock:
             old = self._store
@@ -231,11 +236,18 @@ class ListWatch:
             self._synced = True
             self._last_sync_time = self._clock()
         self._needs_list = False
-        log.info("ListWatch %s: listed %d objects at resourceVersion %s", self.name, len(fresh), result.resource_version)
+        log.info(
+            "ListWatch %s: listed %d objects at resourceVersion %s",
+            self.name,
+            len(fresh),
+            result.resource_version,
+        )
         for event_type, obj in _diff(old, fresh):
             self._notify(event_type, obj)
 
     def _watch_once(self, timeout_seconds: int) -> None:
+        if self._stop.is_set():
+            return
         self._watch = _RawWatch()
         try:
             with contextlib.closing(self._stream(self._watch, timeout_seconds)) as events:
@@ -299,7 +311,12 @@ class ListWatch:
             try:
                 handler(event_type, obj)
             except Exception:
-                log.exception("ListWatch %s: on_event handler failed for %s %s", self.name, event_type, object_key(obj))
+                log.exception(
+                    "ListWatch %s: on_event handler failed for %s %s",
+                    self.name,
+                    event_type,
+                    object_key(obj),
+                )
 
 
 def _selector_kwargs(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
@@ -331,4 +348,3 @@ def _diff(
     for key, obj in old.items():
         if key not in new:
             yield "DELETED", obj
-
