@@ -21,6 +21,9 @@ RBG_LEGACY_GROUP_NAME = "rolebasedgroup.workloads.x-k8s.io/name"
 #: Legacy (v1alpha1) role label.
 RBG_LEGACY_ROLE_NAME = "rolebasedgroup.workloads.x-k8s.io/role"
 
+#: Env var RBG injects into leader/worker pods: pods per instance (1 leader + workers).
+ENV_RBG_LWP_GROUP_SIZE = "RBG_LWP_GROUP_SIZE"
+
 # --- Node annotations published by the topo-sched agent ----------------------------------------
 
 #: The node's NodeTopology record (JSON, apiVersion topo-sched.io/v1). Written only on change.
@@ -74,3 +77,5 @@ ANNOTATION_SPREAD_LEVEL = "topo-sched.io/spread-level"
 ANNOTATION_KV_BYTES_PER_TOKEN = "topo-sched.io/kv-bytes-per-token"
 #: Term weights, e.g. "pd_proximity=4,spread=1"; terms not named keep the cluster default.
 ANNOTATION_WEIGHTS = "topo-sched.io/weights"
+#: Pods per leader/worker instance, where the pod does not carry RBG_LWP_GROUP_SIZE.
+ANNOTATION_INSTANCE_SIZE = "topo-sched.io/instance-size"

@@ -105,13 +105,12 @@ def normalise(totals: Sequence[float | None]) -> list[int]:
     lo, hi = min(known), max(known)
     if hi - lo < 1e-9:
         return [NEUTRAL_SCORE if t is None else round(hi * MAX_SCORE) for t in totals]
-    return [
-        NEUTRAL_SCORE if t is None else round(MAX_SCORE * (t - lo) / (hi - lo)) for t in totals
-    ]
+    return [NEUTRAL_SCORE if t is None else round(MAX_SCORE * (t - lo) / (hi - lo)) for t in totals]
 
 
 class PlacementEngine:
     def __init__(self, config: PlacementConfig | None = None, terms: Sequence[Term] = ALL_TERMS):
+        """``config`` decides policy (modes, weights); the snapshot decides cluster levels."""
         self.config = config or PlacementConfig()
         self.terms = tuple(terms)
         self._memo: dict[tuple[int, str, str | None], PodContext] = {}
@@ -131,7 +130,7 @@ class PlacementEngine:
         return ctx
 
     def _build_context(self, snap: ClusterSnapshot, info: PodInfo) -> PodContext:
-        policy, warnings = resolve_pod_policy(snap.config, info.annotations)
+        policy, warnings = resolve_pod_policy(self.config, info.annotations)
         ctx = PodContext(pod=info, policy=policy, snap=snap)
         ctx.warnings = warnings
         rbg = info.rbg
@@ -144,6 +143,15 @@ class PlacementEngine:
         side = rbg.pd_side
         if side is not None:
             other = [p.node for p in group if p.pod.rbg and p.pod.rbg.pd_side not in (None, side)]
+            if not other:  # no counterpart yet: gather with the group's own pods
+                other = [
+                    p.node
+                    for p in group
+                    if p.pod.rbg
+                    and p.pod.rbg.pd_side is not None
+                    and p.pod.gpus
+                    and (rbg.instance is None or p.pod.rbg.instance != rbg.instance)
+                ]
             ctx.counterparts = DomainCounts(cluster, other) if other else None
         if rbg.instance:
             ctx.members = [
@@ -154,6 +162,14 @@ class PlacementEngine:
             if ctx.members:
                 ctx.members_domains = DomainCounts(cluster, [m.node for m in ctx.members])
         ctx.pack_level = cluster.level_named(policy.pack_level)
+        if rbg.instance and not ctx.members and ctx.pack_level is not None and info.gpus:
+            size = info.instance_size or 2
+            room: dict[str, int] = {}
+            for st in snap.nodes.values():
+                dom = cluster.domain(st.name, ctx.pack_level)
+                if dom is not None and st.free_count >= info.gpus:
+                    room[dom] = room.get(dom, 0) + 1
+            ctx.room_by_domain, ctx.room_needed = room, max(1, size - 1)
         if policy.pack_level and ctx.pack_level is None and ctx.members:
             ctx.warnings.append(
                 f"pack level {policy.pack_level!r} is not a level of this cluster; not enforced"

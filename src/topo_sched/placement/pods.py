@@ -43,6 +43,8 @@ class PodInfo:
     gpus: int
     rbg: RbgIdentity | None
     node_name: str | None = None
+    #: Pods in one leader/worker instance (RBG injects RBG_LWP_GROUP_SIZE), when known.
+    instance_size: int | None = None
     active: bool = True  # False once Succeeded/Failed: holds no GPUs
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
@@ -99,6 +101,18 @@ def _container_gpus(containers: Any, where: str) -> list[int]:
     return out
 
 
+def _instance_size(containers: Any, annotations: Mapping[str, str]) -> int | None:
+    raw = annotations.get(L.ANNOTATION_INSTANCE_SIZE)
+    if raw is None and isinstance(containers, list):
+        for c in containers:
+            for env in (c.get("env") or []) if isinstance(c, Mapping) else []:
+                if isinstance(env, Mapping) and env.get("name") == L.ENV_RBG_LWP_GROUP_SIZE:
+                    raw = env.get("value")
+    if isinstance(raw, str) and raw.strip().isdigit() and int(raw) > 0:
+        return int(raw)
+    return None
+
+
 def rbg_identity(pod_labels: Mapping[str, str]) -> RbgIdentity | None:
     group = pod_labels.get(L.RBG_GROUP_NAME) or pod_labels.get(L.RBG_LEGACY_GROUP_NAME)
     role = pod_labels.get(L.RBG_ROLE_NAME) or pod_labels.get(L.RBG_LEGACY_ROLE_NAME)
@@ -142,6 +156,7 @@ def pod_info(pod: Any) -> PodInfo:
         gpus=gpus,
         rbg=rbg_identity(pod_labels),
         node_name=node_name,
+        instance_size=_instance_size(spec.get("containers"), annotations),
         active=status.get("phase") not in ("Succeeded", "Failed"),
         labels=pod_labels,
         annotations=annotations,

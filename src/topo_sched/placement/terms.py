@@ -97,10 +97,15 @@ class PodContext:
     pod: PodInfo
     policy: PodPolicy
     snap: ClusterSnapshot
-    counterparts: DomainCounts | None = None  # the other PD side of the group
+    #: Where the other PD side of the group sits; before any is placed, where the group's
+    #: other pods sit, so a group's pods gather where their counterparts can join them.
+    counterparts: DomainCounts | None = None
     members: list[Placement] = field(default_factory=list)  # same multi-node instance
     members_domains: DomainCounts | None = None
     pack_level: Level | None = None
+    #: First member of an instance: per pack-level domain, nodes with room for one member.
+    room_by_domain: dict[str, int] | None = None
+    room_needed: int | None = None
     spread_level: Level | None = None
     spread_counts: DomainCounts | None = None
     previous_node: str | None = None
@@ -207,9 +212,14 @@ class InstancePacking:
         )
 
     def score(self, ctx: PodContext, node: NodeState) -> float | None:
-        if ctx.members_domains is None:
+        if ctx.members_domains is not None:
+            return ctx.members_domains.mean_closeness(node.name)
+        if ctx.room_by_domain is None or ctx.pack_level is None or not ctx.room_needed:
             return None
-        return ctx.members_domains.mean_closeness(node.name)
+        # The first member: prefer a domain with room for the rest of the instance.
+        dom = ctx.snap.cluster.domain(node.name, ctx.pack_level)
+        room = ctx.room_by_domain.get(dom, 0) if dom else 0
+        return min(1.0, max(0, room - 1) / ctx.room_needed)
 
 
 class Spread:
