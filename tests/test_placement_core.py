@@ -201,6 +201,7 @@ def test_snapshot_counts_free_gpus_from_allocation_and_unreported_pods():
     assert len(snap.placements["llm/b"].gpus) == 2
     snap2 = snap.with_binding(pod("c", "decode", gpus=4), "n1")
     assert snap2.nodes["n1"].free_count == 0 and snap.nodes["n1"].free_count == 4
+    assert snap2.with_binding(pod("c", "decode", gpus=4), "n1") is snap2  # a re-sent bind
 
 
 def test_broken_topology_annotation_is_judged_by_gpu_count():

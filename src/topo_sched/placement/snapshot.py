@@ -209,10 +209,20 @@ class ClusterSnapshot:
         return self._groups.get((namespace, group), [])
 
     def with_binding(self, pod: Mapping[str, Any] | PodInfo, node_name: str) -> ClusterSnapshot:
-        """A new snapshot with the pod placed on the node (GPUs chosen by best fit)."""
+        """A new snapshot with the pod placed on the node (GPUs chosen by best fit).
+
+        Idempotent: binding a pod where it already is returns this snapshot; binding it
+        elsewhere releases the GPUs it held first.
+        """
         info = pod if isinstance(pod, PodInfo) else pod_info(pod)
         info = replace(info, node_name=node_name)
+        old = self.placements.get(info.key)
+        if old is not None and old.node == node_name:
+            return self
         nodes = dict(self.nodes)
+        if old is not None and old.node in nodes:
+            prev = nodes[old.node]
+            nodes[old.node] = replace(prev, free_mask=prev.free_mask | mask_of(old.gpus))
         gpus: tuple[int, ...] = ()
         st = nodes.get(node_name)
         if st is not None and info.gpus:
