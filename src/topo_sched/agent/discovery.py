@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 from topo_sched.topology.model import NodeTopology
+from topo_sched.topology.parse._common import normalize_pci
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _gpu_identities(run: Callable[[Sequence[str]], str], smi: str) -> dict[int, 
             ids[int(row[0])] = {
                 "uuid": row[1].strip(),
                 "name": row[2].strip(),
-                "pci_bus_id": row[3].strip(),
+                "pci_bus_id": normalize_pci(row[3].strip()),
             }
     return ids
 

@@ -90,3 +90,24 @@ LINK_TOKENS: dict[str, LinkClass] = {
     "SYS": LinkClass.SYS,
     "SOC": LinkClass.SYS,
 }
+
+
+def numa_cpus_from_gpus(
+    numa_of: dict[int, int | None],
+    numa_lists: dict[int, list[int] | None],
+    cpus_of: dict[int, str | None],
+) -> dict[int, str]:
+    """CPU list per NUMA node, taken from the GPUs' CPU affinity where it is unambiguous.
+
+    A node gets the CPU list its GPUs print when every GPU of the node names exactly that one
+    node as its affinity (not a list of several) and all of them print the same CPU list.
+    """
+    out: dict[int, str] = {}
+    for nid in {n for n in numa_of.values() if n is not None}:
+        members = [g for g, n in numa_of.items() if n == nid]
+        cpus = {cpus_of.get(g) for g in members}
+        if len(cpus) == 1 and all(numa_lists.get(g) == [nid] for g in members):
+            only = next(iter(cpus))
+            if only is not None:
+                out[nid] = only
+    return out
