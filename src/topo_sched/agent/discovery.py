@@ -67,6 +67,13 @@ def run_command(argv: Sequence[str], timeout_s: float = NVIDIA_SMI_TIMEOUT_S) ->
     return done.stdout
 
 
+def _pci_or_raw(text: str) -> str:
+    try:
+        return normalize_pci(text)
+    except ValueError:
+        return text
+
+
 def _gpu_identities(run: Callable[[Sequence[str]], str], smi: str) -> dict[int, dict[str, str]]:
     """index -> uuid, name, pci bus id, from ``nvidia-smi --query-gpu`` (topo -m lacks them)."""
     out = run([smi, "--query-gpu=index,uuid,name,pci.bus_id", "--format=csv,noheader"])
@@ -76,7 +83,7 @@ def _gpu_identities(run: Callable[[Sequence[str]], str], smi: str) -> dict[int, 
             ids[int(row[0])] = {
                 "uuid": row[1].strip(),
                 "name": row[2].strip(),
-                "pci_bus_id": normalize_pci(row[3].strip()),
+                "pci_bus_id": _pci_or_raw(row[3].strip()),
             }
     return ids
 
