@@ -265,6 +265,12 @@ def _render(explanation: dict[str, Any]) -> None:
             if t not in terms:
                 terms.append(t)
                 weights[t] = (term or {}).get("weight")
+    # A term with no opinion on any node (e.g. stability for a pod never placed) is noise here.
+    terms = [
+        t
+        for t in terms
+        if any(((n.get("terms") or {}).get(t) or {}).get("score") is not None for n in nodes)
+    ]
     table = Table(show_lines=False)
     table.add_column("node", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
@@ -301,21 +307,22 @@ def _render(explanation: dict[str, Any]) -> None:
 
 def explain(
     pod_file: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
-            metavar="POD.yaml",
-            help="The pod to place: a Pod manifest (YAML or JSON), as the scheduler would see it.",
+            metavar="[POD.yaml]",
+            help="The pod to place: a Pod manifest (YAML or JSON), as the scheduler would see it. "
+            "With neither POD.yaml nor --snapshot: the built-in demo.",
             dir_okay=False,
         ),
-    ],
+    ] = None,
     snapshot: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--snapshot",
             help="Cluster snapshot file (`kubectl get nodes,pods -A -o json`, JSON or YAML).",
             dir_okay=False,
         ),
-    ],
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -339,14 +346,31 @@ def explain(
     """Explain where the extender would place a pod, node by node.
 
     Per node: the filter reason, or each scoring term's score and weight, the total, and the
-    0..10 score the scheduler would get.
+    0..10 score the scheduler would get. Run with no arguments for a built-in demo: a 16-node
+    cluster (an HGX H100 rack and a PCIe rack, from real captures) and a TP4 prefill pod whose
+    decode already runs.
     """
     from topo_sched.placement.engine import PlacementEngine
     from topo_sched.placement.pods import PodSpecError
 
     cfg = _load_config(config)
-    state = _load_state(snapshot, cfg)
-    pod = _load_pod(pod_file)
+    if pod_file is None and snapshot is None:
+        from topo_sched.extender.state import ClusterState
+        from topo_sched.sim.scenarios import demo_cluster
+
+        nodes, pods, pod = demo_cluster()
+        state = ClusterState.from_objects(nodes, pods, cfg)
+        pod_file = Path("demo pod llm/chat-prefill-0")
+        if not as_json:
+            typer.echo(
+                "Built-in demo: 16 nodes (rack-0 HGX H100, rack-1 PCIe), decode of group "
+                "'chat' on rack-0; placing its TP4 prefill. Use POD.yaml --snapshot FILE for yours."
+            )
+    elif pod_file is None or snapshot is None:
+        _fail("give both POD.yaml and --snapshot FILE, or neither for the built-in demo")
+    else:
+        state = _load_state(snapshot, cfg)
+        pod = _load_pod(pod_file)
     engine = PlacementEngine(cfg)
     try:
         result = engine.explain(state.snapshot(), pod, node or None).to_dict()

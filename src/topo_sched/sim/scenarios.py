@@ -457,3 +457,20 @@ def placement_quality_scenario() -> Scenario:
     recreated = make_rbg_pod(ns, "chat-tp2", "decode", 0, 2, uid="recreated-chat-tp2-decode-0")
     steps.append(Recreate(recreated))
     return Scenario("placement-quality-64", nodes, running, steps)
+
+
+def demo_cluster() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The embedded default for ``topo-sched explain``: (nodes, bound pods, pending pod).
+
+    Two racks of eight nodes (rack 0 HGX H100, rack 1 PCIe boxes, both from real captures);
+    group ``chat``'s decode (TP4) already runs in rack 0 next to a half-full node, and its
+    first prefill (TP4) is the pod to place.
+    """
+    kinds = [bundled_topology(HGX_H100_8GPU), bundled_topology(PCIE_8X_RTX4090_2SOCKET)]
+    nodes = make_rack_cluster(2, 8, kinds, zones=1)
+    pods = [
+        bound(make_rbg_pod("llm", "chat", "decode", 0, 4), node_name(0, 2)),
+        make_plain_pod("batch", "train-0", 4, node=node_name(0, 3)),
+        make_plain_pod("batch", "train-1", 8, node=node_name(1, 0)),
+    ]
+    return nodes, pods, make_rbg_pod("llm", "chat", "prefill", 0, 4)
