@@ -145,7 +145,9 @@ def adapter_name(rbg_name: str, role: str) -> str:
 # -- the scaling adapter's scale subresource -------------------------------------------------
 
 
-def get_scale(api_client: kubernetes.client.ApiClient, namespace: str, adapter: str) -> dict[str, Any]:
+def get_scale(
+    api_client: kubernetes.client.ApiClient, namespace: str, adapter: str
+) -> dict[str, Any]:
     """The adapter's ``autoscaling/v1 Scale`` (``spec.replicas``, ``metadata.resourceVersion``)."""
     return call_json(
         _custom(api_client).get_namespaced_custom_object_scale,
