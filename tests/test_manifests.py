@@ -1,13 +1,16 @@
 """The kustomize manifests under manifests/: parse, validate offline against the Kubernetes 1.26
 schemas (kubernetes-validate ships them), and hold the project's promises: least-privilege RBAC,
 a scheduler configuration that points at the Service we declare, the agent's read-only
-PodResources mount, RBG examples scheduled by topo-scheduler, kustomizations that list every file.
+PodResources mount, RBG examples scheduled by topo-scheduler, an autoscaler whose configuration
+parses and targets an example RBG, kustomizations that list every file.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import posixpath
+import re
 import shutil
 import socket
 import subprocess
@@ -130,6 +133,7 @@ def test_manifests_exist() -> None:
         "kustomization.yaml",
         "agent/kustomization.yaml",
         "extender/kustomization.yaml",
+        "autoscaler/kustomization.yaml",
         "examples/kustomization.yaml",
     ):
         assert required in names
@@ -179,13 +183,13 @@ def test_kustomizations_list_only_existing_files_and_every_file_is_listed() -> N
     assert not unlisted, f"YAML files no kustomization lists: {unlisted}"
 
 
-def test_top_kustomization_deploys_agent_and_extender_not_examples() -> None:
+def test_top_kustomization_deploys_agent_extender_and_autoscaler_not_examples() -> None:
     k = _kustomization(MANIFESTS / "kustomization.yaml")
-    assert sorted(k["resources"]) == ["agent", "extender"]
+    assert sorted(k["resources"]) == ["agent", "autoscaler", "extender"]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) absent")
-@pytest.mark.parametrize("target", ["", "examples"])
+@pytest.mark.parametrize("target", ["", "examples", "autoscaler"])
 def test_kustomize_builds(target: str) -> None:
     """`kubectl kustomize` (offline) accepts the tree and emits every object exactly once."""
     root = MANIFESTS / target
@@ -724,3 +728,249 @@ def test_derived_examples_keep_the_rbg_attribution() -> None:
         head = (MANIFESTS / "examples" / name).read_text().split("\n---", 1)[0]
         assert "sgl-project/rbg" in head and RBG_COMMIT in head, name
         assert "Apache License, Version 2.0" in head and "Modified" in head, name
+
+
+# --- autoscaler --------------------------------------------------------------------------------
+
+AUTOSCALER = "topo-sched-autoscaler"
+AUTOSCALER_CONFIG = "/etc/topo-sched/autoscaler.yaml"
+AUTOSCALER_METRICS_PORT = 9102
+RBG_GROUP = "workloads.x-k8s.io"
+
+
+def _autoscaler() -> dict[str, Any]:
+    return _one("Deployment", AUTOSCALER, NAMESPACE)
+
+
+@functools.cache
+def _autoscaler_raw_config() -> dict[str, Any]:
+    cm = _one("ConfigMap", AUTOSCALER, NAMESPACE)
+    (cfg,) = _load_all(cm["data"]["autoscaler.yaml"])
+    return cfg
+
+
+def _autoscaler_config() -> Any:
+    config = pytest.importorskip("topo_sched.scaling.config")
+    return config.parse_autoscaler_config(_autoscaler_raw_config(), source=AUTOSCALER)
+
+
+def test_autoscaler_cluster_role_is_exactly_rbgs_adapters_scale_and_events() -> None:
+    role = _one("ClusterRole", AUTOSCALER)
+    expected = {(RBG_GROUP, "rolebasedgroups", v, ()) for v in ("get", "list", "watch", "patch")}
+    expected.add((RBG_GROUP, "rolebasedgroupscalingadapters", "get", ()))
+    expected |= {
+        (RBG_GROUP, "rolebasedgroupscalingadapters/scale", v, ()) for v in ("get", "patch")
+    }
+    expected.add(("", "events", "create", ()))
+    assert _grants(role) == expected
+
+
+def test_autoscaler_lease_role_covers_only_its_own_lease() -> None:
+    le = _autoscaler_raw_config()["leaderElection"]
+    assert le["enabled"] is True
+    assert (le["namespace"], le["leaseName"]) == (NAMESPACE, AUTOSCALER)
+    role = _one("Role", f"{AUTOSCALER}-leader-election", le["namespace"])
+    assert _grants(role) == {
+        ("coordination.k8s.io", "leases", "create", ()),
+        ("coordination.k8s.io", "leases", "get", (le["leaseName"],)),
+        ("coordination.k8s.io", "leases", "update", (le["leaseName"],)),
+    }
+
+
+def test_autoscaler_is_bound_to_exactly_its_roles() -> None:
+    assert _bound_roles(AUTOSCALER) == {
+        ("ClusterRole", None, AUTOSCALER),
+        ("Role", NAMESPACE, f"{AUTOSCALER}-leader-election"),
+    }
+    assert _autoscaler()["spec"]["template"]["spec"]["serviceAccountName"] == AUTOSCALER
+
+
+def test_autoscaler_deployment() -> None:
+    dep = _autoscaler()
+    assert dep["spec"]["replicas"] == 2  # one leader, one standby
+    spec = dep["spec"]["template"]["spec"]
+    assert spec.get("schedulerName", "default-scheduler") == "default-scheduler"
+    c = _container_mounting_config(dep, AUTOSCALER_CONFIG)
+    assert c["image"] == "ghcr.io/topo-sched/topo-sched:0.1.0"
+    assert c["args"] == [
+        "autoscaler",
+        "--config",
+        AUTOSCALER_CONFIG,
+        "--metrics-port",
+        str(AUTOSCALER_METRICS_PORT),
+        "--identity",
+        "$(POD_NAME)",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": AUTOSCALER_METRICS_PORT}
+    probe = c["livenessProbe"]
+    handler = probe.get("httpGet") or probe["tcpSocket"]
+    assert handler["port"] in ("metrics", AUTOSCALER_METRICS_PORT)
+    if "httpGet" in probe:
+        assert handler["path"] == "/metrics"
+    requests = c["resources"]["requests"]
+    assert set(requests) == {"cpu", "memory"}
+    assert GPU not in requests and GPU not in c["resources"].get("limits", {})
+
+
+def test_autoscaler_meets_the_restricted_pod_security_level() -> None:
+    spec = _autoscaler()["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    psc, sc = spec["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc.get("runAsUser", 1) != 0
+    assert (sc.get("seccompProfile") or psc["seccompProfile"])["type"] == "RuntimeDefault"
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc["capabilities"].get("add")
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert not sc.get("privileged")
+    assert not any("hostPath" in v for v in spec.get("volumes", []))
+    assert not (spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"))
+
+
+def test_autoscaler_metrics_service_selects_its_pods_port() -> None:
+    svc = _one("Service", AUTOSCALER, NAMESPACE)
+    selected = [
+        d
+        for d in _objects("Deployment")
+        if d["metadata"]["namespace"] == NAMESPACE
+        and _selected_by(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert [d["metadata"]["name"] for d in selected] == [AUTOSCALER]
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == AUTOSCALER_METRICS_PORT
+    (c,) = selected[0]["spec"]["template"]["spec"]["containers"]
+    target = port.get("targetPort", port["port"])
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert (named[target] if isinstance(target, str) else target) == AUTOSCALER_METRICS_PORT
+
+
+def test_autoscaler_config_parses_and_holds_the_documented_values() -> None:
+    cfg = _autoscaler_config()
+    config = pytest.importorskip("topo_sched.scaling.config")
+    (t,) = cfg.targets
+    assert dict(t.roles) == {"prefill": 2, "decode": 1}
+    assert (t.prefill_role, t.decode_role) == ("prefill", "decode")
+    assert t.mode is config.Mode.STRICT and t.band is None
+    assert (t.units.min, t.units.max) == (1, 8)
+    assert (t.slo.percentile, t.slo.ttft_seconds, t.slo.itl_seconds) == (0.9, 5, 0.04)
+    assert t.metrics.preset is config.Preset.SGLANG
+    assert t.metrics.role_label == "role"
+    assert t.metrics.queries == {}
+    assert t.capacity.prefill_tokens_per_second and t.capacity.decode_sequences
+    # Defaults are spelled out in the file, and they are the defaults.
+    raw = _autoscaler_raw_config()
+    (raw_target,) = raw["targets"]
+    assert {"scaleUp", "scaleDown"} <= set(raw_target["behavior"])
+    assert t.behavior == config.Behavior()
+    assert set(raw["leaderElection"]) == {
+        "enabled",
+        "leaseName",
+        "namespace",
+        "leaseDurationSeconds",
+        "renewDeadlineSeconds",
+    }
+    assert cfg.leader_election == config.LeaderElection()
+    le = cfg.leader_election
+    assert 0 < le.renew_deadline_seconds < le.lease_duration_seconds
+
+
+def _example_rbg(namespace: str, name: str) -> dict[str, Any]:
+    # The examples name no namespace: `kubectl apply -k` puts them in the context's, "default".
+    found = [
+        rbg
+        for _, rbg in _rbgs()
+        if (rbg["metadata"].get("namespace", "default"), rbg["metadata"]["name"])
+        == (namespace, name)
+    ]
+    assert len(found) == 1, f"no example RBG {namespace}/{name} in manifests/examples"
+    return found[0]
+
+
+def test_autoscaler_target_is_the_2p1d_example_rbg() -> None:
+    cfg = _autoscaler_config()
+    (t,) = cfg.targets
+    rbg = _example_rbg(t.namespace, t.name)
+    assert t.name == "sglang-pd-inference"
+    replicas = {r["name"]: r["replicas"] for r in rbg["spec"]["roles"]}
+    assert set(t.roles) <= set(replicas), f"roles {set(t.roles) - set(replicas)} not in the RBG"
+    # The example as written is exactly one ratio unit (2P1D), inside units.min..units.max.
+    units = {replicas[r] / w for r, w in t.roles.items()}
+    assert len(units) == 1, f"example replicas {replicas} are not in ratio {dict(t.roles)}"
+    (u,) = units
+    assert t.units.min <= u <= t.units.max
+
+
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+
+
+def _matchers(selector: str) -> list[tuple[str, str, str]]:
+    """PromQL label matchers ``a="x",b=~"y"`` -> [(label, op, value)]; fails on anything else."""
+    out, pos = [], 0
+    text = selector.strip().strip("{}")
+    while pos < len(text):
+        m = _MATCHER.match(text, pos)
+        assert m, f"not a label matcher at {text[pos:]!r}"
+        out.append((m.group(1), m.group(2), m.group(3)))
+        pos = m.end()
+        if pos < len(text):
+            assert text[pos] == ",", f"expected ',' at {text[pos:]!r}"
+            pos += 1
+    return out
+
+
+def _series_matches(matchers: list[tuple[str, str, str]], labels: dict[str, str]) -> bool:
+    for label, op, value in matchers:
+        have = labels.get(label, "")
+        ok = {
+            "=": have == value,
+            "!=": have != value,
+            "=~": re.fullmatch(value, have) is not None,
+            "!~": re.fullmatch(value, have) is None,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _engine_pods(rbg: dict[str, Any]) -> dict[str, str]:
+    """Pod name -> role of the example's engines, from the router's own prefill/decode URLs
+    (``http://<pod>.s-<rbg>-<role>:8000``: the pods' hostnames, which are their names)."""
+    (router,) = [r for r in rbg["spec"]["roles"] if r["name"] == "router"]
+    (c,) = _role_template(router)["spec"]["containers"]
+    args = c["command"] + c.get("args", [])
+    pods = {}
+    for flag, value in itertools.pairwise(args):
+        if flag in ("--prefill", "--decode"):
+            pods[urlsplit(value).hostname.split(".")[0]] = flag.removeprefix("--")
+    return pods
+
+
+def test_autoscaler_selector_matches_the_example_pods_as_prometheus_labels_them() -> None:
+    cfg = _autoscaler_config()
+    (t,) = cfg.targets
+    rbg = _example_rbg(t.namespace, t.name)
+    matchers = _matchers(t.metrics.selector)
+    # The role matcher is the autoscaler's to add per query; the selector picks the RBG.
+    assert t.metrics.role_label not in {label for label, _, _ in matchers}
+    pods = _engine_pods(rbg)
+    assert sorted(pods.values()) == ["decode", "prefill", "prefill"]
+
+    def series(pod: str, role: str, namespace: str = t.namespace) -> dict[str, str]:
+        # What a PodMonitor gives a series (plus role relabelled from the RBG role label).
+        return {"namespace": namespace, "pod": pod, t.metrics.role_label: role}
+
+    for pod, role in pods.items():
+        assert _series_matches(matchers, series(pod, role)), pod
+    # Not another namespace's copy, not the router, not another RBG.
+    any_pod, any_role = next(iter(pods.items()))
+    assert not _series_matches(matchers, series(any_pod, any_role, "elsewhere"))
+    assert not _series_matches(matchers, series(f"{t.name}-router-0", "router"))
+    for _, other in _rbgs():
+        if other["metadata"]["name"] != t.name:
+            for role in other["spec"]["roles"]:
+                pod = f"{other['metadata']['name']}-{role['name']}-0"
+                assert not _series_matches(matchers, series(pod, role["name"])), pod
