@@ -64,8 +64,10 @@ def _bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         _fail(f"--host {host!r}: {e.strerror}")
-    family, _type, _proto, _name, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _type, proto, _name, addr = infos[0]
+    # Pass the protocol: asyncio turns TCP_NODELAY on only for sockets that say they are TCP,
+    # and without it every reply waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -74,6 +76,48 @@ def _bind_socket(host: str, port: int) -> socket.socket:
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     sock.set_inheritable(True)
     return sock
+
+
+def _start_grpc(
+    state: Any,
+    engine: Any,
+    host: str,
+    port: int,
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+) -> Any:
+    """The placement gRPC service on its own port, over the same state as the HTTP verbs."""
+    from topo_sched.rpc.placement_server import TlsConfig, TlsConfigError, serve
+
+    tls = TlsConfig(cert, key, client_ca) if cert is not None and key is not None else None
+    try:
+        return serve(state, engine, host=host, port=port, tls=tls, max_workers=8)
+    except TlsConfigError as e:
+        _fail(str(e))
+    except RuntimeError as e:
+        _fail(f"--grpc-host/--grpc-port: {e}")
+
+
+def _stop_grpc_on_shutdown(server: Any, grpc_server: Any, grace_s: float = 2.0) -> None:
+    """Stop the gRPC service inside uvicorn's graceful shutdown.
+
+    On SIGTERM uvicorn shuts down, then re-raises the signal, so code after ``server.run``
+    never runs; this hook stops gRPC alongside HTTP (in-flight calls get ``grace_s``).
+    """
+    import asyncio
+
+    original = server.shutdown
+
+    async def shutdown(*args: Any, **kwargs: Any) -> None:
+        done = grpc_server.stop(grace_s)
+        try:
+            await original(*args, **kwargs)
+        finally:
+            await asyncio.to_thread(done.wait, grace_s + 3)
+            log.info("placement gRPC service stopped")
+
+    server.shutdown = shutdown
 
 
 def extender(
@@ -139,6 +183,40 @@ def extender(
             help="DEBUG (one line per rejected node), INFO (one line per request), WARNING, ERROR."
         ),
     ] = "INFO",
+    grpc_port: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "TCP port of the placement gRPC service (topo_sched.v1.PlacementService: "
+                "WhatIf, Explain, ClusterSummary; with gRPC health and reflection). "
+                "0 (default) = off."
+            )
+        ),
+    ] = 0,
+    grpc_host: Annotated[
+        str,
+        typer.Option(
+            help="Address the gRPC service listens on, or unix:/PATH for a unix socket "
+            "(which turns the service on without --grpc-port)."
+        ),
+    ] = "0.0.0.0",
+    grpc_tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM certificate (chain) for gRPC TLS; with --grpc-tls-key.", dir_okay=False
+        ),
+    ] = None,
+    grpc_tls_key: Annotated[
+        Path | None,
+        typer.Option(help="PEM private key for gRPC TLS; with --grpc-tls-cert.", dir_okay=False),
+    ] = None,
+    grpc_tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM CA bundle: require and verify client certificates on gRPC (mTLS).",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the kube-scheduler extender: HTTP filter, prioritize and bind for RBG pods.
 
@@ -147,6 +225,9 @@ def extender(
     Verbs: filterVerb `filter`, prioritizeVerb `prioritize`, bindVerb `bind` (live API only).
 
     Also serves /healthz, /readyz (503 until synced), /metrics, GET PREFIX/explain/NS/POD.
+
+    With --grpc-port P: the placement gRPC service on port P (plaintext unless
+    --grpc-tls-cert/--grpc-tls-key are given), from the same cluster state.
     """
     _setup_logging(log_level)
     if max_body_bytes <= 0:
@@ -155,6 +236,15 @@ def extender(
         _fail(f"--port {port} is not a TCP port (0..65535)")
     if snapshot is not None and kubeconfig is not None:
         _fail("--snapshot and --kubeconfig exclude each other (a snapshot needs no API)")
+    if not 0 <= grpc_port <= 65535:
+        _fail(f"--grpc-port {grpc_port} is not a TCP port (0..65535; 0 = off)")
+    if (grpc_tls_cert is None) != (grpc_tls_key is None):
+        _fail("--grpc-tls-cert and --grpc-tls-key go together")
+    if grpc_tls_client_ca is not None and grpc_tls_cert is None:
+        _fail("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+    grpc_on = grpc_port != 0 or grpc_host.startswith("unix:")
+    if not grpc_on and grpc_tls_cert is not None:
+        _fail("--grpc-tls-* options need --grpc-port")
 
     import uvicorn
 
@@ -204,9 +294,23 @@ def extender(
         prefix,
         state.source,
     )
+    grpc_server = None
     try:
+        if grpc_on:
+            grpc_server = _start_grpc(
+                state,
+                engine,
+                grpc_host,
+                grpc_port,
+                grpc_tls_cert,
+                grpc_tls_key,
+                grpc_tls_client_ca,
+            )
+            _stop_grpc_on_shutdown(server, grpc_server)
         server.run(sockets=[sock])
     finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=2).wait(5)
         state.stop()
         sock.close()
 

@@ -433,6 +433,11 @@ class ClusterState:
 
     # -- readers --------------------------------------------------------------------------
 
+    def is_current(self) -> bool:
+        """True when :meth:`snapshot` would return at once without rebuilding."""
+        with self._lock:
+            return self._snapshot is not None and self._snapshot_generation == self._generation
+
     def snapshot(self) -> Any:
         """The current immutable snapshot; rebuilt here when the objects changed.
 

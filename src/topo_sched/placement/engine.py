@@ -24,7 +24,16 @@ from typing import Any
 from topo_sched.placement.config import PlacementConfig, resolve_pod_policy
 from topo_sched.placement.pods import PodInfo, pod_info
 from topo_sched.placement.snapshot import ClusterSnapshot, NodeState
-from topo_sched.placement.terms import ALL_TERMS, DomainCounts, PodContext, Rejection, Term
+from topo_sched.placement.terms import (
+    ALL_TERMS,
+    DOMAIN,
+    NAME,
+    NODE,
+    DomainCounts,
+    PodContext,
+    Rejection,
+    Term,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +117,39 @@ def normalise(totals: Sequence[float | None]) -> list[int]:
     return [NEUTRAL_SCORE if t is None else round(MAX_SCORE * (t - lo) / (hi - lo)) for t in totals]
 
 
+@dataclass
+class _Plan:
+    """Per pod: which terms can speak, at what weight, and caches of their partial sums.
+
+    Terms that depend only on a node's GPU state are cached by (locality index, free mask,
+    allocatable); terms that depend on where a node sits, by its domains. A 1,000-node request
+    then evaluates each term once per node class or rack, not once per node.
+    """
+
+    node_terms: tuple[tuple[Term, float], ...]
+    domain_terms: tuple[tuple[Term, float], ...]
+    name_terms: tuple[tuple[Term, float], ...]
+    checks: tuple[Term, ...]
+    local: dict[tuple[int, int, int], tuple[float, float]] = field(default_factory=dict)
+    domain: dict[Any, tuple[float, float]] = field(default_factory=dict)
+    #: (class key, domain key) -> total, for nodes no peer runs on (most of them).
+    totals: dict[Any, float | None] = field(default_factory=dict)
+
+    @property
+    def checks_local(self) -> bool:
+        return all(t.scope == NODE for t in self.checks)
+
+
+def _partial(terms: tuple[tuple[Term, float], ...], ctx: PodContext, node: NodeState):
+    num = den = 0.0
+    for term, w in terms:
+        sc = term.score(ctx, node)
+        if sc is not None:
+            num += w * sc
+            den += w
+    return num, den
+
+
 class PlacementEngine:
     def __init__(self, config: PlacementConfig | None = None, terms: Sequence[Term] = ALL_TERMS):
         """``config`` decides policy (modes, weights); the snapshot decides cluster levels."""
@@ -187,7 +229,28 @@ class PlacementEngine:
                 ctx.spread_counts = DomainCounts(cluster, peers)
         if info.key not in snap.placements:
             ctx.previous_node = snap.history.get(info.key)
+        hosts = {p.node for p in group}
+        ctx.peer_hosts = frozenset(hosts)
         return ctx
+
+    def _weight(self, ctx: PodContext, term: Term) -> float:
+        w = float(getattr(ctx.policy.weights, term.name, 0.0))
+        if term.name == "pd_proximity" and ctx.policy.kv_bytes_per_token:
+            ratio = ctx.policy.kv_bytes_per_token / ctx.policy.reference_kv_bytes_per_token
+            w *= min(4.0, max(0.25, ratio))
+        return w
+
+    def _plan(self, ctx: PodContext) -> _Plan:
+        if ctx.plan is None:
+            active = [(t, self._weight(ctx, t)) for t in self.terms]
+            active = [(t, w) for t, w in active if w > 0 and t.active(ctx)]
+            ctx.plan = _Plan(
+                node_terms=tuple((t, w) for t, w in active if t.scope == NODE),
+                domain_terms=tuple((t, w) for t, w in active if t.scope == DOMAIN),
+                name_terms=tuple((t, w) for t, w in active if t.scope == NAME),
+                checks=tuple(t for t in self.terms if t.can_reject(ctx)),
+            )
+        return ctx.plan
 
     # -- verbs ---------------------------------------------------------------------------------
 
@@ -203,9 +266,7 @@ class PlacementEngine:
             return Rejection(
                 "gpus-in-use", f"needs {k} GPUs, {node.free_count} free", resolvable=True
             )
-        for term in self.terms:
-            if getattr(ctx.policy.weights, term.name, 1.0) == 0 and term.name != "intra_node_fit":
-                continue
+        for term in self._plan(ctx).checks:
             r = term.check(ctx, node)
             if r is not None:
                 return r
@@ -219,13 +280,30 @@ class PlacementEngine:
         if not out.is_rbg:
             out.passed = list(node_names)
             return out
+        plan = self._plan(ctx)
+        nodes = snap.nodes
+        if not snap.node_names.issuperset(node_names):
+            out.unknown_nodes = [n for n in node_names if n not in nodes]
+        if plan.checks_local:
+            # Decide once per GPU-state class; most requests reject no class at all.
+            rejected: dict[str, Rejection] = {}
+            for members in snap.class_members.values():
+                r = self._reject(ctx, nodes[members[0]])
+                if r is not None:
+                    for n in members:
+                        rejected[n] = r
+            if not rejected:
+                out.passed = list(node_names)
+                return out
+            verdict = rejected.get
+        else:
+
+            def verdict(name: str) -> Rejection | None:
+                node = nodes.get(name)
+                return None if node is None else self._reject(ctx, node)
+
         for name in node_names:
-            node = snap.nodes.get(name)
-            if node is None:
-                out.unknown_nodes.append(name)
-                out.passed.append(name)
-                continue
-            r = self._reject(ctx, node)
+            r = verdict(name)
             if r is None:
                 out.passed.append(name)
             else:
@@ -233,23 +311,36 @@ class PlacementEngine:
                 out.codes[name] = r.code
         return out
 
-    def _weighted(self, ctx: PodContext, node: NodeState) -> tuple[float | None, dict]:
-        weights = ctx.policy.weights
+    def _total(self, ctx: PodContext, node: NodeState) -> float | None:
+        """Weighted mean of the active terms' scores for one node (None: no opinion)."""
+        plan = self._plan(ctx)
         num = den = 0.0
-        detail: dict[str, dict[str, float | None]] = {}
-        for term in self.terms:
-            w = getattr(weights, term.name)
-            if term.name == "pd_proximity" and ctx.policy.kv_bytes_per_token:
-                ratio = ctx.policy.kv_bytes_per_token / ctx.policy.reference_kv_bytes_per_token
-                w *= min(4.0, max(0.25, ratio))
-            if w <= 0:
-                continue
-            s = term.score(ctx, node)
-            detail[term.name] = {"score": None if s is None else round(s, 4), "weight": w}
-            if s is not None:
-                num += w * s
-                den += w
-        return (num / den if den else None), detail
+        if plan.node_terms:
+            lk = (id(node.index), node.free_mask, node.gpu_allocatable)
+            part = plan.local.get(lk)
+            if part is None:
+                part = plan.local[lk] = _partial(plan.node_terms, ctx, node)
+            num, den = part
+        if plan.domain_terms:
+            doms = ctx.snap.cluster.domains(node.name)
+            dk = (doms[:-1] if doms else None, node.name if node.name in ctx.peer_hosts else None)
+            part = plan.domain.get(dk)
+            if part is None:
+                part = plan.domain[dk] = _partial(plan.domain_terms, ctx, node)
+            num, den = num + part[0], den + part[1]
+        if plan.name_terms:
+            n2, d2 = _partial(plan.name_terms, ctx, node)
+            num, den = num + n2, den + d2
+        return num / den if den else None
+
+    def _detail(self, ctx: PodContext, node: NodeState) -> dict[str, dict[str, float | None]]:
+        """Every active term's score and weight on one node, for explain."""
+        plan = self._plan(ctx)
+        out: dict[str, dict[str, float | None]] = {}
+        for term, w in (*plan.node_terms, *plan.domain_terms, *plan.name_terms):
+            sc = term.score(ctx, node)
+            out[term.name] = {"score": None if sc is None else round(sc, 4), "weight": w}
+        return out
 
     def prioritize(
         self, snap: ClusterSnapshot, pod: Mapping[str, Any], node_names: Sequence[str]
@@ -257,10 +348,29 @@ class PlacementEngine:
         ctx = self.context(snap, pod)
         if ctx.pod.rbg is None:
             return [(n, NON_RBG_SCORE) for n in node_names]
+        plan = self._plan(ctx)
+        keys = snap.keys_for(node_names)
+        cache = plan.totals
+        if plan.name_terms:  # e.g. stability: the node's name matters, no sharing
+            totals = [
+                None if k is None else self._total(ctx, snap.nodes[n])
+                for n, k in zip(node_names, keys, strict=True)
+            ]
+            return list(zip(node_names, normalise(totals), strict=True))
+        missing = object()
+        peers = ctx.peer_hosts
+        nodes = snap.nodes
         totals: list[float | None] = []
-        for name in node_names:
-            node = snap.nodes.get(name)
-            totals.append(None if node is None else self._weighted(ctx, node)[0])
+        for name, key in zip(node_names, keys, strict=True):
+            if key is None:  # a node the snapshot does not know yet: neutral
+                totals.append(None)
+            elif name in peers:  # a peer's own host scores apart from its rack-mates
+                totals.append(self._total(ctx, nodes[name]))
+            else:
+                t = cache.get(key, missing)
+                if t is missing:
+                    t = cache[key] = self._total(ctx, nodes[name])
+                totals.append(t)
         return list(zip(node_names, normalise(totals), strict=True))
 
     def explain(
@@ -286,7 +396,7 @@ class PlacementEngine:
             if r is not None:
                 verdicts.append(NodeVerdict(name, False, code=r.code, reason=r.reason))
                 continue
-            total, detail = self._weighted(ctx, node)
+            total, detail = self._total(ctx, node), self._detail(ctx, node)
             fit = ctx.fit(node)
             verdicts.append(
                 NodeVerdict(

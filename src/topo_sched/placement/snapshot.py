@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -62,7 +62,12 @@ class Placement:
     gpus: tuple[int, ...]
 
 
-@lru_cache(maxsize=4096)
+#: One LocalityIndex per distinct machine layout (the record without its node name): a rack
+#: of identical servers shares one index, its memo, and one cache entry in the engine.
+_INDEX_BY_LAYOUT: dict[str, LocalityIndex] = {}
+
+
+@lru_cache(maxsize=65536)
 def _parse_topology(text: str) -> tuple[NodeTopology | None, LocalityIndex | None, str | None]:
     """Annotation text -> record and index; cached because every rebuild sees the same text."""
     try:
@@ -70,7 +75,18 @@ def _parse_topology(text: str) -> tuple[NodeTopology | None, LocalityIndex | Non
     except (ValidationError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return None, None, f"{L.ANNOTATION_TOPOLOGY} is not a valid NodeTopology: {msg}"
-    return topo, LocalityIndex.from_topology(topo), None
+    layout = topo.model_dump_json(exclude={"node_name"})
+    index = _INDEX_BY_LAYOUT.get(layout)
+    if index is None:
+        if len(_INDEX_BY_LAYOUT) > 4096:  # bounded: a cluster has few distinct layouts
+            _INDEX_BY_LAYOUT.clear()
+        index = _INDEX_BY_LAYOUT[layout] = LocalityIndex.from_topology(topo)
+    return topo, index, None
+
+
+@lru_cache(maxsize=256)
+def _uniform_index(gpus: int) -> LocalityIndex:
+    return LocalityIndex.uniform(gpus)
 
 
 def _allocatable_gpus(node: Mapping[str, Any]) -> int:
@@ -108,7 +124,7 @@ def _node_state(
     if text:
         topo, index, problem = _parse_topology(text)
     if index is None or topo is None:
-        index = LocalityIndex.uniform(alloc_gpus)
+        index = _uniform_index(alloc_gpus)
     free = index.all_mask
     # GPUs the agent saw taken, by pods that still exist here.
     present = {p.key for p in pods_here}
@@ -161,6 +177,17 @@ class ClusterSnapshot:
         self.config = config
         self.history = dict(history)
         self.node_names = frozenset(nodes)
+        self._last_keys: tuple[list[str], list[Any]] | None = None
+        # Per node, once per snapshot: the keys the engine caches term results under
+        # (GPU-state class, and place in the level tree without the host).
+        self.node_keys: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        #: GPU-state class -> its nodes: filter decides once per class.
+        self.class_members: dict[tuple[int, int, int], list[str]] = {}
+        for name, st in nodes.items():
+            doms = cluster.domains(name)
+            lk = (id(st.index), st.free_mask, st.gpu_allocatable)
+            self.node_keys[name] = (lk, doms[:-1] if doms else None)
+            self.class_members.setdefault(lk, []).append(name)
         groups: dict[tuple[str, str], list[Placement]] = {}
         for pl in placements.values():
             if pl.pod.rbg is not None:
@@ -200,6 +227,20 @@ class ClusterSnapshot:
         }
         cluster = ClusterTopology({n: s.labels for n, s in states.items()}, config.cluster_levels())
         return cls(states, placements, cluster, config, history or {})
+
+    def keys_for(self, names: Sequence[str]) -> list[Any]:
+        """``node_keys`` for a list of names (None for unknown names).
+
+        kube-scheduler sends the same feasible-node list, in the same order, pod after pod;
+        the last list is remembered so a repeat costs one list comparison.
+        """
+        last = self._last_keys
+        if last is not None and last[0] == names:
+            return last[1]
+        get = self.node_keys.get
+        keys = [get(n) for n in names]
+        self._last_keys = (list(names), keys)
+        return keys
 
     @property
     def built_at_objects(self) -> tuple[int, int]:

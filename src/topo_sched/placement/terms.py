@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from topo_sched.placement.config import Mode, PodPolicy
 from topo_sched.placement.pods import PodInfo
@@ -110,18 +110,32 @@ class PodContext:
     spread_counts: DomainCounts | None = None
     previous_node: str | None = None
     warnings: list[str] = field(default_factory=list)
-    _fits: dict[str, Fit] = field(default_factory=dict)
+    #: Nodes that peers of this pod run on: only there does the host level matter.
+    peer_hosts: frozenset[str] = frozenset()
+    #: The engine's per-pod plan (active terms, weights, caches); set by the engine.
+    plan: Any = None
 
     def fit(self, node: NodeState) -> Fit:
-        f = self._fits.get(node.name)
-        if f is None:
-            f = node.index.best_fit(node.free_mask, self.pod.gpus)
-            self._fits[node.name] = f
-        return f
+        # LocalityIndex memoises per (free mask, k); indices are shared by identical nodes.
+        return node.index.best_fit(node.free_mask, self.pod.gpus)
+
+
+#: What a term's answer depends on, so the engine can reuse it across nodes in one request:
+#: NODE = the node's GPU state only (locality index, free GPUs, allocatable);
+#: DOMAIN = where the node sits (its level domains; the host only where peers run on it);
+#: NAME = the node itself.
+NODE, DOMAIN, NAME = "node", "domain", "name"
 
 
 class Term(Protocol):
     name: str
+    scope: str
+
+    def active(self, ctx: PodContext) -> bool:
+        """Whether the term can have an opinion for this pod at all (else it is skipped)."""
+        ...
+
+    def can_reject(self, ctx: PodContext) -> bool: ...
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None: ...
 
@@ -132,6 +146,13 @@ class IntraNodeFit:
     """k GPUs inside one NVLink island, else one NUMA node, else under one PCIe switch + NIC."""
 
     name = "intra_node_fit"
+    scope = NODE
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.pod.gpus > 1
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return ctx.policy.intra_node is Mode.REQUIRED and ctx.pod.gpus > 1
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         k = ctx.pod.gpus
@@ -157,6 +178,13 @@ class BestFit:
     """Pack: prefer the node (and group) the pod fills most, keeping whole islands free."""
 
     name = "best_fit"
+    scope = NODE
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.pod.gpus > 0
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return False
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         return None
@@ -177,6 +205,13 @@ class PdProximity:
     """Prefill near its decode (and back): KV cache crosses this path for every request."""
 
     name = "pd_proximity"
+    scope = DOMAIN
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.counterparts is not None
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return False
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         return None
@@ -191,6 +226,17 @@ class InstancePacking:
     """Members of one multi-node leader/worker instance inside one level (e.g. a rack)."""
 
     name = "instance_packing"
+    scope = DOMAIN
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.members_domains is not None or bool(ctx.room_by_domain and ctx.room_needed)
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return (
+            ctx.policy.pack_mode is Mode.REQUIRED
+            and bool(ctx.members)
+            and ctx.pack_level is not None
+        )
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         if ctx.policy.pack_mode is not Mode.REQUIRED or not ctx.members or ctx.pack_level is None:
@@ -226,6 +272,13 @@ class Spread:
     """Opt-in: spread a role's instances across a level (failure domains)."""
 
     name = "spread"
+    scope = DOMAIN
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.spread_counts is not None and ctx.spread_level is not None
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return False
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         return None
@@ -241,6 +294,13 @@ class Stability:
     """A pod recreated under the same name goes back to the node it had, while it fits."""
 
     name = "stability"
+    scope = NAME
+
+    def active(self, ctx: PodContext) -> bool:
+        return ctx.previous_node is not None
+
+    def can_reject(self, ctx: PodContext) -> bool:
+        return False
 
     def check(self, ctx: PodContext, node: NodeState) -> Rejection | None:
         return None

@@ -125,6 +125,8 @@ class LocalityIndex:
         hit = self._memo.get(key)
         if hit is None:
             hit = self._best_fit(*key)
+            if len(self._memo) > 65536:  # at most 2^gpus x k entries; bound it anyway
+                self._memo.clear()
             self._memo[key] = hit
         return hit
 
