@@ -26,6 +26,7 @@ from topo_sched.agent.podresources import (
 )
 from topo_sched.rpc import generate
 from topo_sched.rpc.podresources.v1 import api_pb2, api_pb2_grpc
+from topo_sched.rpc.topo_sched.v1 import placement_pb2
 
 GPU = "nvidia.com/gpu"
 UUIDS = [
@@ -401,12 +402,15 @@ def test_committed_descriptors_match_protos(tmp_path: Path) -> None:
     args = ["protoc", f"-I{generate.PROTO_DIR}", f"--descriptor_set_out={out}", *generate.PROTOS]
     assert protoc.main(args) == 0
     fresh = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file}
-    committed = {api_pb2.DESCRIPTOR.name: api_pb2.DESCRIPTOR}
+    committed = {m.DESCRIPTOR.name: m.DESCRIPTOR for m in (api_pb2, placement_pb2)}
     assert set(fresh) == set(committed)
     for name, descriptor in committed.items():
         ours = descriptor_pb2.FileDescriptorProto.FromString(descriptor.serialized_pb)
         theirs = fresh[name]
-        for msg in [*ours.message_type, *theirs.message_type]:
+        todo = [*ours.message_type, *theirs.message_type]
+        while todo:  # nested types too (map entries)
+            msg = todo.pop()
+            todo.extend(msg.nested_type)
             for fld in msg.field:
                 fld.ClearField("json_name")  # protoc adds it to descriptor sets only
         assert ours == theirs, f"{name}: stubs are stale; run `python -m topo_sched.rpc.generate`"
@@ -418,6 +422,9 @@ def test_generator_rewrites_only_local_imports(tmp_path: Path) -> None:
         "podresources/v1/api_pb2.py",
         "podresources/v1/api_pb2.pyi",
         "podresources/v1/api_pb2_grpc.py",
+        "topo_sched/v1/placement_pb2.py",
+        "topo_sched/v1/placement_pb2.pyi",
+        "topo_sched/v1/placement_pb2_grpc.py",
     ]
     assert (tmp_path / "podresources/__init__.py").exists()
     assert (tmp_path / "podresources/v1/__init__.py").exists()

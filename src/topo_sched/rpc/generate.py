@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 # Every .proto under proto/ that gets Python stubs, relative to proto/. Add new files here.
-PROTOS: tuple[str, ...] = ("podresources/v1/api.proto",)
+PROTOS: tuple[str, ...] = ("podresources/v1/api.proto", "topo_sched/v1/placement.proto")
 
 PACKAGE = "topo_sched.rpc"
 REPO_ROOT = Path(__file__).resolve().parents[3]
