@@ -12,11 +12,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from topo_sched import labels as L
 from topo_sched.topology.cluster import DEFAULT_LEVELS, Level, levels_from_labels
+from topo_sched.yamlfile import read_yaml
 
 
 class ConfigError(ValueError):
@@ -90,14 +90,7 @@ def load_placement_config(path: str | Path | None) -> PlacementConfig:
     """Read the YAML file; None gives the defaults."""
     if path is None:
         return PlacementConfig()
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_placement_config(data, source=str(p))
+    return parse_placement_config(read_yaml(path, ConfigError), source=str(path))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from topo_sched.yamlfile import read_yaml
 
 
 class ScalingConfigError(ValueError):
@@ -247,11 +248,4 @@ def parse_autoscaler_config(data: Any, *, source: str = "config") -> AutoscalerC
 
 
 def load_autoscaler_config(path: str | Path) -> AutoscalerConfig:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ScalingConfigError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ScalingConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_autoscaler_config(data, source=str(p))
+    return parse_autoscaler_config(read_yaml(path, ScalingConfigError), source=str(path))
