@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from topo_sched.commands import agent as agent_cmd
+from topo_sched.commands import autoscaler as autoscaler_cmd
 from topo_sched.commands import extender as extender_cmd
 from topo_sched.commands import topology as topology_cmd
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(topology_cmd.app, name="topology")
 app.command("agent")(agent_cmd.agent)
+app.command("autoscaler")(autoscaler_cmd.autoscaler)
 app.command("extender")(extender_cmd.extender)
 app.command("explain")(extender_cmd.explain)
 

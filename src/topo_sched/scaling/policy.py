@@ -63,7 +63,8 @@ class _Hold(Exception):
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}"
+    """Readable in a reason: 8,000 tok/s, 0.75D, 9.1s."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _check(name: str, s: Sample | None, max_age: float, traffic: bool) -> Sample | None:
