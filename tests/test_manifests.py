@@ -762,6 +762,8 @@ def test_autoscaler_cluster_role_is_exactly_rbgs_adapters_scale_and_events() -> 
         (RBG_GROUP, "rolebasedgroupscalingadapters/scale", v, ()) for v in ("get", "patch")
     }
     expected.add(("", "events", "create", ()))
+    # Only used with --deletion-cost: list the shrinking role's pods, annotate them.
+    expected |= {("", "pods", v, ()) for v in ("list", "patch")}
     assert _grants(role) == expected
 
 

@@ -79,3 +79,9 @@ ANNOTATION_KV_BYTES_PER_TOKEN = "topo-sched.io/kv-bytes-per-token"
 ANNOTATION_WEIGHTS = "topo-sched.io/weights"
 #: Pods per leader/worker instance, where the pod does not carry RBG_LWP_GROUP_SIZE.
 ANNOTATION_INSTANCE_SIZE = "topo-sched.io/instance-size"
+
+# --- Pod annotations topo-sched writes --------------------------------------------------------
+
+#: Kubernetes' deletion-cost hint (ReplicaSet-style owners delete the lowest first); the
+#: autoscaler sets it with --deletion-cost so the worst-placed instances go first.
+ANNOTATION_POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"

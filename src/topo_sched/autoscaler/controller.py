@@ -16,6 +16,8 @@ role                      live                                        offline / 
 :class:`Actuator`         ``autoscaler.actuator.RbgActuator``         None (dry run)
 :class:`EventSink`        ``autoscaler.events.EventRecorder``         None
 :class:`Elector`          ``autoscaler.leader.LeaseElector``          None (always acts)
+placement (optional)      ``rpc.placement_client.PlacementClient``    None (placement-blind)
+:class:`PodLister`        ``placement_gate.KubePodLister``            None (no deletion cost)
 ========================  ==========================================  ========================
 
 What a tick guarantees, per target:
@@ -38,6 +40,35 @@ What a tick guarantees, per target:
   desired=... reason=...``; the same fields ride on the record as ``fields`` (a dict), which
   the CLI's JSON log format writes as JSON keys.
 
+Placement (``placement``: the extender's gRPC service; see
+:mod:`topo_sched.autoscaler.placement_gate`). Without it the controller is placement-blind, as
+before. With it, a ``scale`` decision that grows any role is first put to ``WhatIf``, in dry
+run too (it is read-only):
+
+- every unit fits: unchanged;
+- some fit (strict mode, whole units): desired shrinks to current + the units that fit, the
+  code stays, the reason's shape is the applied one and it says what was left out
+  (``...; placed 1 of 2 units: decode: 0/64 nodes: ... (wanted 6P,3D)``);
+- none fit (or, in band mode, the one change does not): a ``hold`` with code
+  ``unplaceable``, desired = current; never a prefill without its decode;
+- the extender unreachable (or the request rejected): the plain decision stands, with a
+  warning log line, ``; placement not checked (<cause>)`` in the reason, and
+  ``topo_sched_autoscaler_placement_unavailable_total{target}`` counted.
+
+The policy state then records only the change that is applied: none for ``unplaceable``,
+the partial one (current -> current + placeable units) for a partial scale-up, exactly as
+for a failed write. While units are pending a ``Warning`` Event ``PendingCapacity`` (the
+what-if reasons) is recorded on the RBG (not in dry run, not when no longer the leader); an
+identical message at most once per ``PENDING_EVENT_INTERVAL_S`` (5 min) per target.
+``topo_sched_autoscaler_pending_units{target}`` is the units left out by the last decision
+(0 when none, or when the decision was no scale-up; unchanged while the extender is down).
+
+Deletion cost (``deletion_cost=True`` with ``placement`` and ``pods``): before writing a
+scale-down, the shrinking roles' running pods get ``controller.kubernetes.io/pod-deletion-cost``
+(worst placed lowest; see ``placement_gate.order_scale_down``). Only a ReplicaSet-style owner
+honours it; StatefulSet ordinal scale-down ignores it. A failure never blocks the scale-down:
+a warning and ``topo_sched_autoscaler_deletion_cost_failures_total{target}``.
+
 Leader election (:meth:`Controller.run`). The loop wakes at least every ``renew_period_s``
 (2 s, client-go's retry period) to renew the Lease, and ticks only while it is the leader
 and the tick interval (``intervalSeconds``, 30 s by default) has elapsed: the Lease lasts
@@ -51,7 +82,9 @@ size as a recommendation, so it never scales down at once. On stop the Lease is 
 Metrics (prometheus_client, on the controller's own :class:`CollectorRegistry`):
 ``topo_sched_autoscaler_replicas`` and ``..._desired_replicas`` {target, role},
 ``..._decisions_total`` {target, action, code}, ``..._tick_duration_seconds`` and
-``..._leader`` (1 while this replica acts).
+``..._leader`` (1 while this replica acts); with placement, ``..._pending_units`` and
+``..._placement_unavailable_total`` {target}; with deletion cost,
+``..._deletion_cost_patches_total`` and ``..._deletion_cost_failures_total`` {target}.
 
 Concurrency model: ONE thread runs the loop (``run``/``step``/``tick``); it alone touches
 the policy state, the sources and the sinks, none of which are thread-safe (the Prometheus
@@ -77,10 +110,18 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from topo_sched.autoscaler.actuator import ApplyResult
+from topo_sched.autoscaler.placement_gate import (
+    GateResult,
+    PlacementLike,
+    PodLister,
+    gate_scale_up,
+    order_scale_down,
+    shape_text,
+)
 from topo_sched.kube import rbg as rbgapi
 from topo_sched.kube.errors import KubeError, NotFound
 from topo_sched.scaling.config import AutoscalerConfig, Target
-from topo_sched.scaling.policy import ScalingState, decide
+from topo_sched.scaling.policy import ScalingState, decide, units_of
 from topo_sched.scaling.signals import Decision, TargetSignals
 
 log = logging.getLogger(__name__)
@@ -89,6 +130,9 @@ log = logging.getLogger(__name__)
 DEFAULT_RENEW_PERIOD_S = 2.0
 
 _TICK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+#: An identical PendingCapacity message is recorded at most once per this many seconds.
+PENDING_EVENT_INTERVAL_S = 300.0
 
 
 # -- protocols -------------------------------------------------------------------------------
@@ -296,6 +340,9 @@ class Controller:
         elector: Elector | None = None,
         renew_period_s: float = DEFAULT_RENEW_PERIOD_S,
         registry: CollectorRegistry | None = None,
+        placement: PlacementLike | None = None,
+        pods: PodLister | None = None,
+        deletion_cost: bool = False,
     ) -> None:
         if renew_period_s <= 0:
             raise ValueError("renew_period_s must be > 0")
@@ -313,6 +360,14 @@ class Controller:
         self._was_leader = False
         self._next_tick: float | None = None
         self.last_decisions: list[Decision] = []
+        #: The extender's placement service (a ``PlacementClient``); None: placement-blind.
+        self.placement = placement
+        self.pods = pods
+        self.deletion_cost = deletion_cost
+        #: Target -> (last PendingCapacity message, when it was recorded).
+        self._pending_events: dict[str, tuple[str, float]] = {}
+        #: Per target, what the placement gate made of the last decision (with placement).
+        self.last_gates: dict[str, GateResult] = {}
 
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -347,6 +402,33 @@ class Controller:
             "topo_sched_autoscaler_leader",
             "1 while this replica is the one that acts (holds the Lease, or runs without "
             "leader election), else 0.",
+            registry=r,
+        )
+        self.m_pending = Gauge(
+            "topo_sched_autoscaler_pending_units",
+            "Ratio units the last decision wanted but the placement service said cannot be "
+            "placed now (0 when none; a band-mode change counts as one unit).",
+            ["target"],
+            registry=r,
+        )
+        self.m_placement_unavailable = Counter(
+            "topo_sched_autoscaler_placement_unavailable",
+            "Scale-ups applied without a placement check because the placement service "
+            "could not answer (unreachable, timed out, rejected the request).",
+            ["target"],
+            registry=r,
+        )
+        self.m_cost_patches = Counter(
+            "topo_sched_autoscaler_deletion_cost_patches",
+            "Pods annotated with controller.kubernetes.io/pod-deletion-cost before a "
+            "scale-down (--deletion-cost).",
+            ["target"],
+            registry=r,
+        )
+        self.m_cost_failures = Counter(
+            "topo_sched_autoscaler_deletion_cost_failures",
+            "Failures to rank or annotate pods before a scale-down (the scale-down goes on).",
+            ["target"],
             registry=r,
         )
 
@@ -397,6 +479,28 @@ class Controller:
         state = self.state(key)
         decision, new_state = decide(target, signals, replicas, state, now)
         unchanged = dataclasses.replace(new_state, changes=state.changes)
+        gate: GateResult | None = None
+        if self.placement is not None and decision.action == "scale":
+            decision, new_state, gate = self._gate(target, rbg, decision, new_state, unchanged, now)
+        if self.placement is not None:
+            self.last_gates[key] = gate or GateResult(desired=dict(decision.desired))
+            if gate is None or not gate.degraded:
+                self.m_pending.labels(key).set(gate.pending_units if gate else 0)
+        decision = self._act(target, rbg, decision, new_state, unchanged)
+        if gate is not None and gate.pending_units and not self.dry_run and self.is_leader:
+            self._pending_capacity_event(target, rbg, gate, decision, now)
+        return decision
+
+    def _act(
+        self,
+        target: Target,
+        rbg: Mapping[str, Any],
+        decision: Decision,
+        new_state: ScalingState,
+        unchanged: ScalingState,
+    ) -> Decision:
+        """Apply a ``scale`` decision (unless dry run); keep the policy state accordingly."""
+        key = target.rbg
         if decision.action != "scale":
             self._states[key] = new_state
             return decision
@@ -406,6 +510,10 @@ class Controller:
         if not self.is_leader:
             self._states[key] = unchanged
             return _held(decision, "not-leader", "no longer the leader; not writing")
+        if self.deletion_cost and any(
+            n < decision.current.get(r, 0) for r, n in decision.desired.items()
+        ):
+            self._order_scale_down(target, decision)
         result = self._apply(target, decision)
         if not result.applied:
             self._states[key] = unchanged
@@ -416,6 +524,113 @@ class Controller:
         if result.changed or result.code != "noop":
             self._event(rbg, "Scaled", decision.reason, "Normal")
         return decision
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def _gate(
+        self,
+        target: Target,
+        rbg: Mapping[str, Any],
+        decision: Decision,
+        new_state: ScalingState,
+        unchanged: ScalingState,
+        now: float,
+    ) -> tuple[Decision, ScalingState, GateResult]:
+        """Put a ``scale`` decision to WhatIf; return the decision, the state to keep, and why."""
+        assert self.placement is not None
+        try:
+            gate = gate_scale_up(decision, rbg, target, self.placement)
+        except Exception as exc:  # gate_scale_up handles the client's errors; a bug otherwise
+            log.exception("target %s: placement gate failed", target.rbg)
+            why = f"placement gate failed: {type(exc).__name__}: {exc}"
+            gate = GateResult(
+                desired=dict(decision.desired),
+                degraded=True,
+                message=why,
+                cause="placement check failed",
+            )
+        if gate.degraded:
+            self.m_placement_unavailable.labels(target.rbg).inc()
+            fields = {"target": target.rbg, "degraded": True, "reason": gate.message}
+            log.warning(
+                "placement unavailable target=%s: applying the plain decision: %s",
+                target.rbg,
+                gate.message,
+                extra={"fields": fields},
+            )
+            reason = f"{decision.reason}; placement not checked ({gate.cause})"
+            return dataclasses.replace(decision, reason=reason), new_state, gate
+        if not gate.pending_units:
+            if gate.checked:
+                log.debug("target %s: %s", target.rbg, gate.message)
+            return decision, new_state, gate
+        if gate.desired == decision.current:
+            held = dataclasses.replace(
+                decision,
+                desired=dict(decision.current),
+                action="hold",
+                reason=f"{decision.reason}; {gate.message}; holding",
+                code="unplaceable",
+                units_desired=decision.units_current,
+            )
+            return held, unchanged, gate
+        wanted = shape_text(decision.desired)
+        reason = decision.reason
+        head = f"scale up to {wanted}"
+        if reason.startswith(head):
+            reason = f"scale up to {shape_text(gate.desired)}{reason[len(head) :]}"
+        cur_units = units_of(target, decision.current)
+        new_units = units_of(target, gate.desired)
+        partial = dataclasses.replace(
+            decision,
+            desired=dict(gate.desired),
+            reason=f"{reason}; {gate.message} (wanted {wanted})",
+            units_desired=new_units,
+        )
+        return partial, unchanged.record_change(now, cur_units, new_units), gate
+
+    def _pending_capacity_event(
+        self,
+        target: Target,
+        rbg: Mapping[str, Any],
+        gate: GateResult,
+        decision: Decision,
+        now: float,
+    ) -> None:
+        """A ``PendingCapacity`` Warning on the RBG; an identical one at most every 5 min."""
+        if decision.action == "scale":
+            what = f"scaling to {shape_text(decision.desired)}"
+        else:
+            what = f"holding at {shape_text(decision.current)}"
+        message = (
+            f"{gate.pending_units} of {gate.requested_units} ratio unit(s) cannot be placed now "
+            f"({what}): {gate.message}"
+        )
+        last = self._pending_events.get(target.rbg)
+        if last is not None and last[0] == message and now - last[1] < PENDING_EVENT_INTERVAL_S:
+            return
+        self._pending_events[target.rbg] = (message, now)
+        self._event(rbg, "PendingCapacity", message, "Warning")
+
+    def _order_scale_down(self, target: Target, decision: Decision) -> None:
+        """Pod-deletion costs before a scale-down; never raises, never blocks it."""
+        if self.placement is None or self.pods is None:
+            return
+        try:
+            result = order_scale_down(decision, target, self.pods, self.placement)
+        except Exception as exc:  # order_scale_down collects its errors; a bug otherwise
+            log.exception("target %s: ranking pods for the scale-down failed", target.rbg)
+            self.m_cost_failures.labels(target.rbg).inc()
+            log.warning("target %s: no deletion costs set: %s", target.rbg, exc)
+            return
+        for role, ranked in result.ranked.items():
+            order = ", ".join(f"{pod}@{node}={q:.3f}" for pod, node, q in ranked)
+            log.info("deletion cost target=%s role=%s worst first: %s", target.rbg, role, order)
+        if result.patched:
+            self.m_cost_patches.labels(target.rbg).inc(len(result.patched))
+        for line in result.errors:
+            self.m_cost_failures.labels(target.rbg).inc()
+            log.warning("deletion cost target=%s: %s; scaling down anyway", target.rbg, line)
 
     def _apply(self, target: Target, decision: Decision) -> ApplyResult:
         assert self.actuator is not None

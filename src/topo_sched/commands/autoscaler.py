@@ -158,6 +158,55 @@ def autoscaler(
             ),
         ),
     ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(
+            "--placement",
+            help=(
+                "Address of the extender's gRPC placement service (host:port, e.g. "
+                "127.0.0.1:9095 or topo-sched-extender.topo-sched:9095, or unix:/path). Before "
+                "each scale-up, ask WhatIf whether the new ratio units can be placed and scale "
+                "only by the units that fit (none: hold, code unplaceable; what was left out is "
+                "a PendingCapacity Event and the pending_units metric). If the service cannot "
+                "answer, the plain decision is applied (a warning and a metric). Without it the "
+                "autoscaler is placement-blind."
+            ),
+        ),
+    ] = None,
+    placement_timeout: Annotated[
+        float,
+        typer.Option(
+            "--placement-timeout",
+            help="Seconds to wait for one placement call before falling back to the plain "
+            "decision.",
+        ),
+    ] = 2.0,
+    placement_tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--placement-tls-ca",
+            help=(
+                "PEM CA bundle: talk TLS to --placement and verify its certificate with this "
+                "CA (without it: plaintext)."
+            ),
+            dir_okay=False,
+        ),
+    ] = None,
+    deletion_cost: Annotated[
+        bool,
+        typer.Option(
+            "--deletion-cost",
+            help=(
+                "Before a scale-down, set controller.kubernetes.io/pod-deletion-cost on the "
+                "shrinking roles' running pods, worst placed (per the extender's Explain) "
+                "lowest, so that a controller honouring the annotation (a ReplicaSet, i.e. a "
+                "Deployment-style workload) removes the worst-placed pods first. "
+                "StatefulSet-style ordinal scale-down ignores it (it always removes the highest "
+                "ordinals). Needs --placement and RBAC list/patch on pods; a failure never "
+                "blocks the scale-down. Off by default; nothing is annotated in dry run."
+            ),
+        ),
+    ] = False,
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
@@ -180,7 +229,8 @@ def autoscaler(
     (whole ratio units, HPA-style stabilisation and rate limits, min/max), and write it as one
     change (a guarded JSON Patch on the RBG, or the roles' scaling adapters), with an Event on
     the RBG. Missing, stale or NaN metrics and an unreachable Prometheus hold the current
-    size; they never scale down. Only the replica holding the Lease acts.
+    size; they never scale down. Only the replica holding the Lease acts. With --placement,
+    scale-ups are limited to the ratio units the extender says can be placed.
     """
     _setup_logging(log_level, log_format)
 
@@ -202,10 +252,24 @@ def autoscaler(
         _fail("--at needs --once (it replays one tick at that time)")
     url = prometheus or cfg.prometheus
     name = identity or socket.gethostname()
+    if deletion_cost and not placement:
+        _fail("--deletion-cost needs --placement (pods are ranked by the extender's Explain)")
+    if placement_timeout <= 0:
+        _fail(f"--placement-timeout must be > 0, got {placement_timeout:g}")
+    if placement_tls_ca is not None and not placement:
+        _fail("--placement-tls-ca needs --placement")
+    if placement_tls_ca is not None:
+        try:
+            ca = placement_tls_ca.read_bytes()
+        except OSError as e:
+            _fail(f"--placement-tls-ca {placement_tls_ca}: cannot read: {e.strerror or e}")
+        if b"-----BEGIN" not in ca:
+            _fail(f"--placement-tls-ca {placement_tls_ca}: not a PEM file")
 
     elector = None
     actuator = None
     events = None
+    pods = None
     if rbg_file is not None:
         try:
             rbgs: Any = FileRbgSource(rbg_file)
@@ -228,6 +292,10 @@ def autoscaler(
 
             actuator = RbgActuator(api)
             events = EventRecorder(api, instance=name)
+            if deletion_cost:
+                from topo_sched.autoscaler.placement_gate import KubePodLister
+
+                pods = KubePodLister(api)
             le = cfg.leader_election
             if le.enabled:
                 from topo_sched.autoscaler.leader import LeaseElector
@@ -241,8 +309,35 @@ def autoscaler(
                     renew_deadline_s=le.renew_deadline_seconds,
                 )
 
+    if deletion_cost and pods is None:
+        log.info("--deletion-cost: nothing is annotated in dry run")
+    client = None
+    if placement:
+        from topo_sched.rpc.placement_client import ClientTls, PlacementClient
+
+        tls = ClientTls(ca_file=placement_tls_ca) if placement_tls_ca is not None else None
+        client = PlacementClient(placement, timeout_s=placement_timeout, tls=tls)
+        log.info(
+            "placement service %s (%s, timeout %gs)%s",
+            placement,
+            "TLS" if tls is not None else "plaintext",
+            placement_timeout,
+            ", deletion cost on" if pods is not None else "",
+        )
+
     signals = PrometheusSignals(url)
-    controller = Controller(cfg, signals, rbgs, actuator, events, dry_run=dry_run, elector=elector)
+    controller = Controller(
+        cfg,
+        signals,
+        rbgs,
+        actuator,
+        events,
+        dry_run=dry_run,
+        elector=elector,
+        placement=client,
+        pods=pods,
+        deletion_cost=pods is not None,
+    )
 
     if once:
         # With writes and leader election, the tick takes the Lease first (one round); when
@@ -261,6 +356,8 @@ def autoscaler(
                 else:
                     elector.release()
             signals.close()
+            if client is not None:
+                client.close()
         typer.echo(json.dumps(decisions_json(decisions), indent=2))
         return
 
@@ -281,4 +378,6 @@ def autoscaler(
         stop.set()
     finally:
         signals.close()
+        if client is not None:
+            client.close()
         log.info("ran %.0fs", time.monotonic() - started)
