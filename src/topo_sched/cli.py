@@ -11,6 +11,8 @@ import typer
 from topo_sched.commands import agent as agent_cmd
 from topo_sched.commands import autoscaler as autoscaler_cmd
 from topo_sched.commands import extender as extender_cmd
+from topo_sched.commands import profile as profile_cmd
+from topo_sched.commands import simulate as simulate_cmd
 from topo_sched.commands import topology as topology_cmd
 
 app = typer.Typer(
@@ -28,6 +30,8 @@ app.command("agent")(agent_cmd.agent)
 app.command("autoscaler")(autoscaler_cmd.autoscaler)
 app.command("extender")(extender_cmd.extender)
 app.command("explain")(extender_cmd.explain)
+app.command("profile")(profile_cmd.profile)
+app.command("simulate")(simulate_cmd.simulate)
 
 
 def main() -> None:
