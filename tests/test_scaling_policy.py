@@ -160,3 +160,15 @@ def test_config_errors_name_the_target_and_field(patch, needle):
     with pytest.raises(ScalingConfigError) as e:
         parse_autoscaler_config({"targets": [{**BASE, **patch}]})
     assert needle in str(e.value)
+
+
+def test_latency_does_not_scale_again_while_new_pods_are_starting():
+    """TTFT 2x over SLO with 4P2D asked but only 2P1D ready: the 2 starting prefills already
+    double the capacity that produced that latency, so nothing more is asked (no runaway)."""
+    t = target()
+    slow = sig(prompt=30000.0, ttft=10.0, queue_p=40, running=50.0)
+    dec, _ = decide(t, slow, reps(4, 2, ready_p=2, ready_d=1), ScalingState(), 0)
+    assert dec.action == "hold" and dec.desired == {"prefill": 4, "decode": 2}
+    # Once they are ready and latency is still 2x over, it scales again.
+    dec, _ = decide(t, slow, reps(4, 2), ScalingState(), 60)
+    assert dec.action == "scale" and dec.desired == {"prefill": 8, "decode": 4}

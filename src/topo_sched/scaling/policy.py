@@ -30,6 +30,8 @@ from topo_sched.scaling.signals import Decision, RoleReplicas, Sample, TargetSig
 
 #: Largest latency-driven growth in one tick (the next tick can add more).
 MAX_LATENCY_FACTOR = 2.0
+#: Queued prompts should be drained within this many seconds (on top of the arrival rate).
+BACKLOG_DRAIN_S = 60.0
 #: Without capacity figures, latency below this fraction of its SLO lets a role shrink.
 LOW_LATENCY_FRACTION = 0.5
 
@@ -79,7 +81,12 @@ def _check(name: str, s: Sample | None, max_age: float, traffic: bool) -> Sample
     return s
 
 
-def _needs(t: Target, sig: TargetSignals, cur_p: int, cur_d: int) -> _Needs:
+def _needs(
+    t: Target, sig: TargetSignals, cur_p: int, cur_d: int, ready_p: int, ready_d: int
+) -> _Needs:
+    """Replicas each role needs. Latency corrections scale the READY replicas: the latency
+    observed now was produced by them, and pods still starting will add capacity without
+    being asked again (as HPA ignores unready pods on scale-up)."""
     max_age = t.metrics.max_age_seconds
     cap = t.capacity
     prompt = _check("prompt_tokens_rate", sig.prompt_tokens_rate, max_age, False)
@@ -95,14 +102,24 @@ def _needs(t: Target, sig: TargetSignals, cur_p: int, cur_d: int) -> _Needs:
     if cap.prefill_tokens_per_second:
         p_need = (prompt.value if prompt else 0.0) / cap.prefill_tokens_per_second
         notes.append(f"prompt {_fmt(prompt.value if prompt else 0)} tok/s -> {_fmt(p_need)}P")
+        # Backlog: queued prompts drained within BACKLOG_DRAIN_S. An absolute replica count,
+        # compared with the spec (starting pods included), so it never compounds tick on tick.
+        pq = sig.roles.get(t.prefill_role or "")
+        rps = sig.request_rate
+        if pq and pq.queue and not pq.queue.is_nan and pq.queue.value > 0 and prompt and rps:
+            per_req = prompt.value / rps.value if rps.value > 0 and not rps.is_nan else 0.0
+            backlog = pq.queue.value * per_req / (cap.prefill_tokens_per_second * BACKLOG_DRAIN_S)
+            if backlog > 0:
+                p_need += backlog
+                notes.append(f"prefill queue {_fmt(pq.queue.value)} -> +{_fmt(backlog)}P")
     else:
         p_need = float(cur_p)
         if ttft is not None and ttft.value < LOW_LATENCY_FRACTION * t.slo.ttft_seconds:
             p_need = cur_p * 0.75
     if ttft is not None and ttft.value > t.slo.ttft_seconds:
         factor = min(MAX_LATENCY_FACTOR, ttft.value / t.slo.ttft_seconds)
-        if cur_p * factor > p_need:
-            p_need, code = cur_p * factor, "slo"
+        if ready_p * factor > p_need:
+            p_need, code = ready_p * factor, "slo"
         q = sig.roles.get(t.prefill_role or "", None)
         queue = f", prefill queue {_fmt(q.queue.value)}" if q and q.queue else ""
         notes.append(f"TTFT {_fmt(ttft.value)}s > SLO {_fmt(t.slo.ttft_seconds)}s{queue}")
@@ -128,8 +145,8 @@ def _needs(t: Target, sig: TargetSignals, cur_p: int, cur_d: int) -> _Needs:
             d_need = cur_d * 0.75
     if itl is not None and itl.value > t.slo.itl_seconds:
         factor = min(MAX_LATENCY_FACTOR, itl.value / t.slo.itl_seconds)
-        if cur_d * factor > d_need:
-            d_need, code = cur_d * factor, "slo"
+        if ready_d * factor > d_need:
+            d_need, code = ready_d * factor, "slo"
         notes.append(f"ITL {_fmt(itl.value * 1000)}ms > SLO {_fmt(t.slo.itl_seconds * 1000)}ms")
     return _Needs(p_need, d_need, code, notes)
 
@@ -219,9 +236,14 @@ def decide(
         return hold("missing-role", f"RBG has no role(s) {missing_roles}")
     if signals.source_error:
         return hold("unreachable", f"metrics unavailable ({signals.source_error}); holding")
-    cur_p, cur_d = current[t.prefill_role or ""], current[t.decode_role or ""]
+    p_role, d_role = t.prefill_role or "", t.decode_role or ""
+    cur_p, cur_d = current[p_role], current[d_role]
+    # No ready replica reported reads as "status unknown" (an RBG whose status is not written
+    # yet): latency then scales the spec count, as before the status existed.
+    ready_p = min(replicas[p_role].ready, cur_p) or cur_p
+    ready_d = min(replicas[d_role].ready, cur_d) or cur_d
     try:
-        needs = _needs(t, signals, cur_p, cur_d)
+        needs = _needs(t, signals, cur_p, cur_d, ready_p, ready_d)
     except _Hold as h:
         return hold(h.code, f"{h.reason}; holding")
 
