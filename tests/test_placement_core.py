@@ -339,3 +339,31 @@ def test_explain_gives_reason_or_every_term():
         and "intra_node_fit" in by["n0"]["terms"]
         and by["n0"]["locality"] == "nvlink-island"
     )
+
+
+def test_fast_prioritize_equals_per_node_scoring():
+    """The class/rack caches and the node-list index change nothing: the same scores as
+    scoring every node on its own, with peers on some hosts and unknown nodes mixed in."""
+    from topo_sched.placement.engine import normalise
+
+    nodes = [
+        node(f"n{i}", f"r{i % 5}", hgx() if i % 3 else pcie_box(), zone=f"z{i % 2}")
+        for i in range(40)
+    ]
+    pods = [
+        pod("demo-decode-0", "decode", 2, "n7"),
+        pod("demo-decode-1", "decode", 4, "n12"),
+        pod("bg-1", gpus=3, node_name="n3"),
+        pod("bg-2", gpus=6, node_name="n21"),
+    ]
+    snap = ClusterSnapshot.from_objects(nodes, pods)
+    eng = PlacementEngine()
+    names = [f"n{i}" for i in range(40)] + ["ghost"]
+    p = pod("demo-prefill-0", "prefill", 2)
+    fast = eng.prioritize(snap, p, names)
+    slow_eng = PlacementEngine()
+    ctx = slow_eng.context(snap, p)
+    totals = [None if n not in snap.nodes else slow_eng._total(ctx, snap.nodes[n]) for n in names]
+    assert fast == list(zip(names, normalise(totals), strict=True))
+    assert len({s for _, s in fast}) > 3  # a real spread of scores, not a degenerate case
+    assert eng.prioritize(snap, p, names) == fast  # the cached node-list index gives the same

@@ -132,8 +132,6 @@ class _Plan:
     checks: tuple[Term, ...]
     local: dict[tuple[int, int, int], tuple[float, float]] = field(default_factory=dict)
     domain: dict[Any, tuple[float, float]] = field(default_factory=dict)
-    #: (class key, domain key) -> total, for nodes no peer runs on (most of them).
-    totals: dict[Any, float | None] = field(default_factory=dict)
 
     @property
     def checks_local(self) -> bool:
@@ -349,29 +347,58 @@ class PlacementEngine:
         if ctx.pod.rbg is None:
             return [(n, NON_RBG_SCORE) for n in node_names]
         plan = self._plan(ctx)
-        keys = snap.keys_for(node_names)
-        cache = plan.totals
-        if plan.name_terms:  # e.g. stability: the node's name matters, no sharing
-            totals = [
-                None if k is None else self._total(ctx, snap.nodes[n])
-                for n, k in zip(node_names, keys, strict=True)
-            ]
-            return list(zip(node_names, normalise(totals), strict=True))
-        missing = object()
-        peers = ctx.peer_hosts
         nodes = snap.nodes
-        totals: list[float | None] = []
-        for name, key in zip(node_names, keys, strict=True):
-            if key is None:  # a node the snapshot does not know yet: neutral
-                totals.append(None)
-            elif name in peers:  # a peer's own host scores apart from its rack-mates
-                totals.append(self._total(ctx, nodes[name]))
-            else:
-                t = cache.get(key, missing)
-                if t is missing:
-                    t = cache[key] = self._total(ctx, nodes[name])
-                totals.append(t)
-        return list(zip(node_names, normalise(totals), strict=True))
+        if plan.name_terms:  # e.g. stability: the node's name matters, no sharing
+            totals = [None if n not in nodes else self._total(ctx, nodes[n]) for n in node_names]
+            return list(zip(node_names, normalise(totals), strict=True))
+        # One total per distinct (GPU-state class, place in the tree) among the candidates,
+        # then one fast pass to spread them over the nodes; a peer's own host apart.
+        index = snap.key_index(node_names)
+        local, domain, node_terms, domain_terms = (
+            plan.local,
+            plan.domain,
+            plan.node_terms,
+            plan.domain_terms,
+        )
+        dist: list[float | None] = []
+        peer_hosts = ctx.peer_hosts
+        for (lk, dk), names in zip(index.distinct, index.members, strict=True):
+            # The same partial sums _total adds, read straight from the per-pod caches. The
+            # shared value must come from a node no peer runs on (a peer's host scores apart).
+            rep = names[0]
+            if rep in peer_hosts:
+                rep = next((n for n in names if n not in peer_hosts), None)
+                if rep is None:  # only peers' hosts have this key: they are scored below
+                    dist.append(None)
+                    continue
+            num = den = 0.0
+            if node_terms:
+                part = local.get(lk)
+                if part is None:
+                    part = local[lk] = _partial(node_terms, ctx, nodes[rep])
+                num, den = part
+            if domain_terms:
+                part = domain.get((dk, None))
+                if part is None:
+                    part = domain[(dk, None)] = _partial(domain_terms, ctx, nodes[rep])
+                num, den = num + part[0], den + part[1]
+            dist.append(num / den if den else None)
+        peers = [
+            (index.position[h], self._total(ctx, nodes[h]))
+            for h in ctx.peer_hosts
+            if h in index.position and h in nodes
+        ]
+        # A key only peers' hosts have is used by no node: keep it out of the range.
+        used = list(index.counts)
+        for pos, _ in peers:
+            used[index.idx[pos]] -= 1
+        ranged = [t if n > 0 else None for t, n in zip(dist, used, strict=True)]
+        scores = normalise([*ranged, *(t for _, t in peers)])
+        by_key, by_peer = scores[: len(dist)], scores[len(dist) :]
+        out = [by_key[i] if i >= 0 else NEUTRAL_SCORE for i in index.idx]
+        for (pos, _), sc in zip(peers, by_peer, strict=True):
+            out[pos] = sc
+        return list(zip(node_names, out, strict=True))
 
     def explain(
         self,

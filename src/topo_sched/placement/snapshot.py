@@ -160,6 +160,18 @@ def _node_state(
     return state, held
 
 
+@dataclass(frozen=True)
+class KeyIndex:
+    """A node list resolved to distinct cache keys (see :meth:`ClusterSnapshot.key_index`)."""
+
+    names: list[str]
+    distinct: list[Any]  # distinct (class key, domain key) among the names
+    members: list[list[str]]  # per distinct key: the names that have it
+    idx: list[int]  # per name: its distinct key's position, -1 for an unknown node
+    position: dict[str, int]  # name -> position in names (last one wins for duplicates)
+    counts: list[int]  # per distinct key: how many names have it
+
+
 class ClusterSnapshot:
     """Nodes, their free GPUs, and where RBG pods sit; immutable once built."""
 
@@ -177,7 +189,7 @@ class ClusterSnapshot:
         self.config = config
         self.history = dict(history)
         self.node_names = frozenset(nodes)
-        self._last_keys: tuple[list[str], list[Any]] | None = None
+        self._last_index: KeyIndex | None = None
         # Per node, once per snapshot: the keys the engine caches term results under
         # (GPU-state class, and place in the level tree without the host).
         self.node_keys: dict[str, tuple[tuple[int, int, int], Any]] = {}
@@ -228,19 +240,40 @@ class ClusterSnapshot:
         cluster = ClusterTopology({n: s.labels for n, s in states.items()}, config.cluster_levels())
         return cls(states, placements, cluster, config, history or {})
 
-    def keys_for(self, names: Sequence[str]) -> list[Any]:
-        """``node_keys`` for a list of names (None for unknown names).
+    def key_index(self, names: Sequence[str]) -> KeyIndex:
+        """The distinct ``node_keys`` among ``names`` and each name's position in them.
 
         kube-scheduler sends the same feasible-node list, in the same order, pod after pod;
-        the last list is remembered so a repeat costs one list comparison.
+        the last list's index is remembered, so a repeat costs one list comparison.
         """
-        last = self._last_keys
-        if last is not None and last[0] == names:
-            return last[1]
+        last = self._last_index
+        if last is not None and last.names == names:
+            return last
         get = self.node_keys.get
-        keys = [get(n) for n in names]
-        self._last_keys = (list(names), keys)
-        return keys
+        slot: dict[Any, int] = {}
+        distinct: list[Any] = []
+        members: list[list[str]] = []
+        idx: list[int] = []
+        for n in names:
+            k = get(n)
+            if k is None:
+                idx.append(-1)
+                continue
+            i = slot.get(k)
+            if i is None:
+                i = slot[k] = len(distinct)
+                distinct.append(k)
+                members.append([])
+            members[i].append(n)
+            idx.append(i)
+        counts = [0] * len(distinct)
+        for i in idx:
+            if i >= 0:
+                counts[i] += 1
+        position = {n: i for i, n in enumerate(names)}
+        index = KeyIndex(list(names), distinct, members, idx, position, counts)
+        self._last_index = index
+        return index
 
     @property
     def built_at_objects(self) -> tuple[int, int]:
