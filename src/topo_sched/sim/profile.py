@@ -9,7 +9,8 @@ The model (the same for any profile; the numbers are what a profile changes):
 Prefill
     ``prefill_points`` is per-GPU prefill throughput (tokens/s) against prompt length at TP1 for
     a reference model of ``prefill_reference_active_params_b`` active parameters. Another model
-    scales it by active parameters (compute bound: ~2 FLOPs per active parameter per token).
+    scales it by active parameters (compute bound: ~2 FLOPs per active parameter per token),
+    unless ``prefill_points_by_model`` holds a measured curve of its own (used unscaled).
     Throughput is interpolated linearly in log2(length); below the first point the time stays
     that of the first point (weight-read bound), above the last the last throughput holds.
     TP ``t`` divides the time by ``t * tp_efficiency[worst link class of the TP group]``.
@@ -82,6 +83,10 @@ class EngineProfile(BaseModel):
     prefill_reference_active_params_b: float = Field(gt=0)
     #: [prompt tokens, prefill tokens/s on one GPU], increasing in tokens.
     prefill_points: list[tuple[float, float]] = Field(min_length=1)
+    #: Measured prefill curves of named models, like ``prefill_points`` ([prompt tokens,
+    #: tokens/s on one GPU] at TP1); a model named here runs at its own curve, unscaled,
+    #: instead of the reference curve scaled by active parameters (topo_sched.profiling).
+    prefill_points_by_model: dict[str, list[tuple[float, float]]] = Field(default_factory=dict)
     #: Prompt tokens one prefill batch may hold (queued prompts are batched up to this).
     prefill_max_batch_tokens: int = Field(ge=0)
     #: Share of ideal TP speed-up, by the worst link class inside the TP group (TP >= 2).
@@ -103,6 +108,19 @@ class EngineProfile(BaseModel):
             raise ValueError("prefill_points throughputs must be positive")
         return v
 
+    @field_validator("prefill_points_by_model")
+    @classmethod
+    def _model_points_increase(
+        cls, v: dict[str, list[tuple[float, float]]]
+    ) -> dict[str, list[tuple[float, float]]]:
+        for name, pts in v.items():
+            xs = [p[0] for p in pts]
+            if not pts or any(b <= a for a, b in itertools.pairwise(xs)) or xs[0] <= 0:
+                raise ValueError(f"prefill_points_by_model.{name}: lengths must increase")
+            if any(p[1] <= 0 for p in pts):
+                raise ValueError(f"prefill_points_by_model.{name}: throughputs must be positive")
+        return v
+
     @field_validator("tp_efficiency")
     @classmethod
     def _all_links(cls, v: dict[LinkClass, float]) -> dict[LinkClass, float]:
@@ -121,6 +139,8 @@ class EngineProfile(BaseModel):
                 continue
             if f == "tp_efficiency":
                 need += [f"tp_efficiency.{c.value}" for c in self.tp_efficiency]
+            elif f == "prefill_points_by_model":
+                need += [f"{f}.{name}" for name in self.prefill_points_by_model]
             else:
                 need.append(f)
         missing = [k for k in need if not self.sources.get(k, "").strip()]
@@ -149,9 +169,21 @@ class EngineProfile(BaseModel):
 
     # -- prefill -----------------------------------------------------------------------------
 
-    def reference_throughput(self, tokens: float) -> float:
-        """Prefill tokens/s of the reference model on one GPU for a prompt of ``tokens``."""
-        pts = self.prefill_points
+    def _curve(self, model: ModelSpec) -> tuple[list[tuple[float, float]], float]:
+        """The prefill curve ``model`` runs at, and the factor its throughput is scaled by."""
+        own = self.prefill_points_by_model.get(model.name)
+        if own is not None:
+            return own, 1.0
+        return (
+            self.prefill_points,
+            self.prefill_reference_active_params_b * 1e9 / model.active_params,
+        )
+
+    def reference_throughput(
+        self, tokens: float, points: list[tuple[float, float]] | None = None
+    ) -> float:
+        """Prefill tokens/s of the reference model (or ``points``) on one GPU, ``tokens`` long."""
+        pts = points or self.prefill_points
         x0, y0 = pts[0]
         if tokens <= x0:
             return y0 * max(tokens, 1e-9) / x0  # same time as the first point
@@ -173,8 +205,8 @@ class EngineProfile(BaseModel):
     def prefill_seconds(
         self, model: ModelSpec, prompt_tokens: float, tp: int, worst_link: LinkClass | None
     ) -> float:
-        tput = self.reference_throughput(prompt_tokens)
-        tput *= self.prefill_reference_active_params_b * 1e9 / model.active_params
+        pts, scale = self._curve(model)
+        tput = self.reference_throughput(prompt_tokens, pts) * scale
         return prompt_tokens / (tput * self.tp_factor(tp, worst_link))
 
     @property
@@ -197,10 +229,10 @@ class EngineProfile(BaseModel):
         """
         if len(prompts) == 1:
             return self.prefill_seconds(model, prompts[0], tp, worst_link)
-        fill = min(float(sum(prompts)), self.peak_prefill_tokens)
-        scale = self.prefill_reference_active_params_b * 1e9 / model.active_params
+        pts, scale = self._curve(model)
+        fill = min(float(sum(prompts)), max(pts, key=lambda pt: pt[1])[0])
         speed = scale * self.tp_factor(tp, worst_link)
-        return sum(n / (self.reference_throughput(max(n, fill)) * speed) for n in prompts)
+        return sum(n / (self.reference_throughput(max(n, fill), pts) * speed) for n in prompts)
 
     # -- decode ------------------------------------------------------------------------------
 
