@@ -541,3 +541,31 @@ def test_bench_runs_a_tiny_model_on_cpu() -> None:
         res = bench.run(m, cfg, log=lambda s: None)
         assert len(res["raw"]["prefill"]) == 2 and len(res["raw"]["decode"]) == 4
         assert res["method"]["slice"]["scaled"] is True
+
+
+def test_autoscaler_capacity_comes_from_the_measured_profile_when_not_given():
+    from topo_sched.profiling.capacity import target_with_capacity
+    from topo_sched.scaling.config import parse_autoscaler_config
+
+    def target(capacity):
+        return parse_autoscaler_config(
+            {
+                "targets": [
+                    {
+                        "rbg": "llm/demo",
+                        "roles": {"prefill": 2, "decode": 1},
+                        "slo": {"ttftSeconds": 5, "itlSeconds": 0.04},
+                        "capacity": capacity,
+                    }
+                ]
+            }
+        ).targets[0]
+
+    tp1 = target_with_capacity(target({})).capacity
+    tp2 = target_with_capacity(target({"prefillTensorParallel": 2})).capacity
+    assert tp1.prefill_tokens_per_second > 1000 and tp1.decode_sequences > 1
+    assert tp2.prefill_tokens_per_second > tp1.prefill_tokens_per_second
+    given = target({"prefillTokensPerSecond": 1234, "decodeSequences": 7})
+    assert target_with_capacity(given) is given  # figures in the config are never replaced
+    with pytest.raises(ValueError, match="unknown model"):
+        target_with_capacity(target({"model": "no-such-model"}))

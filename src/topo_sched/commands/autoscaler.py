@@ -248,6 +248,7 @@ def autoscaler(
         cfg = load_autoscaler_config(config)
     except ScalingConfigError as e:
         _fail(str(e))
+    cfg = _with_capacity(cfg, config)
     if at is not None and not once:
         _fail("--at needs --once (it replays one tick at that time)")
     url = prometheus or cfg.prometheus
@@ -381,3 +382,27 @@ def autoscaler(
         if client is not None:
             client.close()
         log.info("ran %.0fs", time.monotonic() - started)
+
+
+def _with_capacity(cfg: Any, config: Path) -> Any:
+    """Fill each target's missing capacity figures from its (or the measured default) profile."""
+    from topo_sched.profiling.capacity import target_with_capacity
+
+    targets = []
+    for i, t in enumerate(cfg.targets):
+        try:
+            filled = target_with_capacity(t)
+        except (ValueError, OSError) as e:
+            _fail(f"{config}: targets[{i}] ({t.rbg}): capacity: {e}")
+        if filled is not t:
+            c = filled.capacity
+            log.info(
+                "target %s: capacity from profile %s: prefill %.0f tok/s per replica, "
+                "decode %s sequences per replica",
+                t.rbg,
+                c.profile or "h100-qwen3-8b-like (bundled, measured)",
+                c.prefill_tokens_per_second or 0,
+                c.decode_sequences,
+            )
+        targets.append(filled)
+    return cfg.model_copy(update={"targets": targets})

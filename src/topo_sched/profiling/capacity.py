@@ -183,3 +183,27 @@ def fill_capacity(
     if cap.profile is None:
         update["profile"] = DEFAULT_CAPACITY_PROFILE
     return cap.model_copy(update=update)
+
+
+def target_with_capacity(target: Any) -> Any:
+    """The autoscaler target with the capacity figures its config leaves out filled in.
+
+    Prefill tokens/s at ``prefillTensorParallel`` GPUs, decode sequences at the ITL SLO at
+    ``decodeTensorParallel``, from ``capacity.profile`` (or the bundled measured H100 profile),
+    for ``capacity.model`` where the profile was measured for another shape. Raises
+    ProfileIOError (a ValueError) when the profile cannot give them.
+    """
+    cap = target.capacity
+    if cap.prefill_tokens_per_second is not None and cap.decode_sequences is not None:
+        return target
+    update: dict[str, Any] = {}
+    for field_name, tp in (
+        ("prefill_tokens_per_second", cap.prefill_tp),
+        ("decode_sequences", cap.decode_tp),
+    ):
+        if getattr(cap, field_name) is None:
+            hints = capacity_hints(
+                cap.profile, itl_slo_s=target.slo.itl_seconds, tp=tp, model=cap.model
+            )
+            update[field_name] = getattr(hints, field_name) or None
+    return target.model_copy(update={"capacity": cap.model_copy(update=update)})

@@ -111,8 +111,14 @@ class Capacity(_Cfg):
 
     prefill_tokens_per_second: float | None = Field(None, alias="prefillTokensPerSecond", gt=0)
     decode_sequences: float | None = Field(None, alias="decodeSequences", gt=0)
-    #: Engine profile JSON (topo-sched profile); used where a figure above is not given.
+    #: Engine profile (a `topo-sched profile` JSON path or a bundled name); where a figure above
+    #: is not given it is derived from this, or from the bundled measured H100 profile.
     profile: str | None = None
+    #: The served model's shape preset, when the profile was measured for another model.
+    model: str | None = None
+    #: GPUs per prefill / decode replica, for deriving figures from a one-GPU profile.
+    prefill_tp: int = Field(1, alias="prefillTensorParallel", ge=1)
+    decode_tp: int = Field(1, alias="decodeTensorParallel", ge=1)
 
 
 class ScalePolicy(_Cfg):
