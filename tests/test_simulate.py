@@ -299,3 +299,138 @@ def test_optimal_places_a_pd_pair_together_on_a_small_cluster():
     assert m["pd_same_rack_fraction"] == 1.0
     assert m["ilp_solves"] >= 1 and m["ilp_not_optimal"] == 0
     assert OptimalPlacer.UNPLACED_S > 1.0
+
+
+# -- placement-aware scaling on the tight cluster ---------------------------------------------
+
+#: The stretch of the trace where chat needs its third unit on the tight cluster (32 GPUs):
+#: the coordinated policy's first scale-ups, ten minutes, about 12,000 requests.
+TIGHT_WINDOW = {"start_s": 1200, "duration_s": 600}
+
+
+def _tight_window_file(tmp: Path) -> Path:
+    data = yaml.safe_load((REPO / "simulations" / "tight-cluster.yaml").read_text())
+    data["traffic"]["window"] = dict(TIGHT_WINDOW)
+    f = tmp / "tight-window.yaml"
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    return f
+
+
+@pytest.fixture(scope="module")
+def tight_window(tmp_path_factory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("sim-tight")
+    scenario = _tight_window_file(tmp)
+    out = tmp / "out"
+    res = _simulate(
+        str(scenario),
+        "--placement",
+        "topology-aware",
+        "--scaling",
+        "coordinated,placement-aware",
+        "--out",
+        str(out),
+    )
+    assert res.exit_code == 0, res.output
+    (out / "stdout.txt").write_text(res.output)
+    return scenario, out, json.loads((out / "results.json").read_text())
+
+
+def test_tight_cluster_is_the_default_services_and_traffic_on_fewer_gpus():
+    tight = load_scenario(REPO / "simulations" / "tight-cluster.yaml")
+    default = default_scenario()
+    assert tight.services == default.services
+    assert tight.traffic == default.traffic
+    assert "placement-aware" in tight.policies.scaling
+    nodes, background = build_cluster(tight.cluster, tight.seed)
+    gpus = 8 * len(nodes) - sum(
+        int(c["resources"]["requests"]["nvidia.com/gpu"])
+        for p in background
+        for c in p["spec"]["containers"]
+    )
+    # The initial units fit; chat's third unit on top of them (what coordinated asks for at
+    # the peak) does not.
+    per_unit = {
+        s.name: s.ratio.prefill * s.prefill_tp + s.ratio.decode * s.decode_tp
+        for s in tight.services
+    }
+    initial = sum(per_unit[s.name] * s.initial_units for s in tight.services)
+    assert initial <= gpus < initial + 2 * per_unit["chat"]
+
+
+def test_coordinated_half_places_units_on_the_tight_cluster(tight_window):
+    _, _, data = tight_window
+    co = data["scaling"]["coordinated"]
+    assert co["half_placed_unit_ticks"] > 0 and co["half_placed_units_max"] >= 1
+    assert co["pending_unit_ticks"] >= co["half_placed_unit_ticks"]
+    assert co["pending_pod_ticks"] > 0
+
+
+def test_placement_aware_never_half_places_a_unit_on_the_tight_cluster(tight_window):
+    _, _, data = tight_window
+    pa = data["scaling"]["placement-aware"]
+    assert pa["half_placed_unit_ticks"] == 0 and pa["half_placed_units_max"] == 0
+    assert pa["pending_pod_ticks"] == 0  # every pod it asked for found a node
+    assert pa["ratio_violations"] == 0
+    gate = pa["placement_gate"]
+    assert gate["checks"] >= 1 and gate["units_left_out"] >= 1 and gate["held"] >= 1
+    assert gate["units_requested"] == gate["units_placeable"] + gate["units_left_out"]
+    assert any(k.startswith("decode: ") for k in gate["reasons"])
+    # What the gate left out is pending capacity, counted per tick until the next decision.
+    assert pa["pending_unit_ticks"] > 0
+    assert pa["decision_codes"].get("unplaceable", 0) == gate["held"]
+
+
+def test_placement_aware_results_have_the_scaling_keys(tight_window):
+    _, out, data = tight_window
+    assert list(data["scaling"]) == ["coordinated", "placement-aware"]
+    for pol in ("coordinated", "placement-aware"):
+        m = data["scaling"][pol]
+        for k in (*SCALING_KEYS, *RUN_KEYS, "half_placed_unit_ticks", "pending_unit_ticks"):
+            assert k in m and m[k] is not None, f"scaling.{pol}.{k} missing"
+    assert "placement_gate" not in data["scaling"]["coordinated"]
+    cmp = data["comparison"]["placement_aware_vs_coordinated"]
+    assert cmp["half_placed_unit_ticks"] == {
+        "coordinated": data["scaling"]["coordinated"]["half_placed_unit_ticks"],
+        "placement-aware": 0,
+    }
+    text = (out / "stdout.txt").read_text()
+    assert "placement-aware" in text and "pending unit-ticks" in text
+    series = json.loads((out / "series.json").read_text())
+    assert "topology-aware+placement-aware" in series["runs"]
+    assert "pending_units" in series["runs"]["topology-aware+placement-aware"]["services"]["chat"]
+
+
+def test_placement_aware_is_deterministic(tight_window, tmp_path):
+    scenario, out, _ = tight_window
+    res = _simulate(
+        str(scenario),
+        "--placement",
+        "topology-aware",
+        "--scaling",
+        "coordinated,placement-aware",
+        "--out",
+        str(tmp_path),
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "results.json").read_bytes() == (out / "results.json").read_bytes()
+    assert (tmp_path / "series.json").read_bytes() == (out / "series.json").read_bytes()
+
+
+def test_placement_aware_decides_as_coordinated_where_everything_fits():
+    """On the roomy default cluster every what-if fits: the same run as coordinated."""
+    data = default_scenario().model_dump()
+    data["traffic"]["window"] = dict(TIGHT_WINDOW)
+    data["policies"] = {"placement": ["topology-aware"], "scaling": ["coordinated"]}
+    data["policies"]["scaling"].append("placement-aware")
+    res = run_all(prepare(parse_scenario(data)))
+    co = res.runs["topology-aware", "coordinated"]
+    pa = res.runs["topology-aware", "placement-aware"]
+    gate = pa.metrics.pop("placement_gate")
+    assert gate["checks"] >= 1 and gate["units_left_out"] == 0
+    assert pa.metrics == co.metrics
+    assert pa.series == co.series
+
+
+def test_unknown_scaling_flag_names_placement_aware(tmp_path):
+    res = _simulate("--scaling", "clever", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "placement-aware" in res.output

@@ -25,10 +25,12 @@ rejected the request, or the RBG's  logs it and counts ``placement_unavailable_t
 templates cannot be read
 ==================================  ===========================================================
 
-A unit counts only when every pod of it found a node (``what_if`` drops the pods of a unit
-that did not fit), so the result is never a prefill without its decode. Roles that shrink
-in the same band-mode change are not credited: the what-if does not see the capacity they
-would free (conservative).
+The rules (which units are asked for, what may be applied) are the pure
+:mod:`topo_sched.scaling.gate`, shared with the simulator's ``placement-aware`` policy; this
+module builds the request from the RBG and asks the extender. A unit counts only when every
+pod of it found a node (``what_if`` drops the pods of a unit that did not fit), so the result
+is never a prefill without its decode. Roles that shrink in the same band-mode change are
+not credited: the what-if does not see the capacity they would free (conservative).
 
 What one unit of a role is (:func:`role_units`), from the RBG object:
 
@@ -99,8 +101,8 @@ from topo_sched.kube import rbg as rbgapi
 from topo_sched.kube.client import call_json, list_all
 from topo_sched.placement.whatif import RoleRequest, WhatIfRequest, WhatIfResult
 from topo_sched.rpc.placement_client import PlacementError, PlacementUnavailable
-from topo_sched.scaling.config import Mode, Target
-from topo_sched.scaling.policy import replicas_for_units, units_of
+from topo_sched.scaling.config import Target
+from topo_sched.scaling.gate import gate_outcome, scale_up_ask, shape_text
 from topo_sched.scaling.signals import Decision
 
 __all__ = [
@@ -293,15 +295,6 @@ def role_units(rbg: Mapping[str, Any], target: Target) -> dict[str, RoleShape]:
     return out
 
 
-def shape_text(replicas: Mapping[str, int]) -> str:
-    """``4P,2D``: as the policy's reasons write a shape."""
-    return ",".join(f"{n}{r[0].upper()}" for r, n in replicas.items())
-
-
-def _units_word(n: int) -> str:
-    return f"{n} unit" if n == 1 else f"{n} units"
-
-
 # -- the scale-up gate ----------------------------------------------------------------------
 
 
@@ -336,51 +329,32 @@ class GateResult:
         return self.requested_units > 0 and not self.degraded
 
 
-def _growing(decision: Decision) -> dict[str, int]:
-    return {
-        r: n - decision.current.get(r, 0)
-        for r, n in decision.desired.items()
-        if n > decision.current.get(r, 0)
-    }
-
-
-def _whole_units(target: Target, decision: Decision) -> tuple[int, int] | None:
-    """(current units, units to add) when the change is whole strict-mode units, else None."""
-    if target.mode is not Mode.STRICT:
-        return None
-    cur = units_of(target, decision.current)
-    want = units_of(target, decision.desired)
-    if cur != int(cur) or want != int(want) or want <= cur:
-        return None
-    if decision.current != replicas_for_units(target, cur):
-        return None  # the change also restores the ratio: not whole units
-    if decision.desired != replicas_for_units(target, want):
-        return None
-    return int(cur), int(want) - int(cur)
-
-
 def gate_scale_up(
     decision: Decision, rbg: Mapping[str, Any], target: Target, client: PlacementLike
 ) -> GateResult:
-    """Scale up only by what fits: see the module doc. Never raises for the client's errors."""
+    """Scale up only by what fits: see the module doc. Never raises for the client's errors.
+
+    Which units are asked for and what may be applied are decided by the pure
+    :mod:`topo_sched.scaling.gate` (the simulator's ``placement-aware`` policy uses the same
+    functions); this function builds the request from the RBG and asks the extender.
+    """
     plain = GateResult(desired=dict(decision.desired))
-    grow = _growing(decision)
-    if decision.action != "scale" or not grow:
+    ask = scale_up_ask(target, decision)
+    if ask is None:
         return plain
     try:
         shapes = role_units(rbg, target)
     except RoleTemplateError as exc:
         why = f"cannot build the what-if request: {exc}"
         return _degraded(decision, why, "RBG pod templates unreadable")
-    whole = _whole_units(target, decision)
-    if whole is not None:
-        cur_units, k = whole
-        roles = tuple(s.request(int(target.roles[s.name])) for s in shapes.values())
-    else:
-        cur_units, k = 0, 1
-        roles = tuple(s.request(grow[s.name]) for s in shapes.values() if s.name in grow)
+    per_unit = ask.replicas
+    roles = tuple(s.request(per_unit[s.name]) for s in shapes.values() if s.name in per_unit)
     request = WhatIfRequest(
-        namespace=target.namespace, rbg=target.name, units=k, roles=roles, all_or_nothing=True
+        namespace=target.namespace,
+        rbg=target.name,
+        units=ask.units,
+        roles=roles,
+        all_or_nothing=True,
     )
     try:
         result = client.what_if(request)
@@ -389,30 +363,22 @@ def gate_scale_up(
     except PlacementError as exc:  # PlacementRequestError (a bug), unreadable TLS files
         log.error("placement gate for %s: %s", target.rbg, exc)
         return _degraded(decision, str(exc), "placement request rejected")
-    placeable = max(0, min(int(result.units_placeable), k))
-    reasons = [r.message for r in result.reasons]
-    if placeable == k:
-        return GateResult(
-            desired=dict(decision.desired),
-            placeable_units=k,
-            requested_units=k,
-            message=f"placement: {_units_word(k)} placeable (cost {result.cost:.2f})",
-            cost=result.cost,
-        )
-    if whole is not None and placeable > 0:
-        desired = replicas_for_units(target, cur_units + placeable)
-    else:
-        desired = dict(decision.current)
-        placeable = 0
-    why = "; ".join(reasons) or "no reason given"
+    out = gate_outcome(
+        target,
+        decision,
+        ask,
+        int(result.units_placeable),
+        [r.message for r in result.reasons],
+        result.cost,
+    )
     return GateResult(
-        desired={r: desired.get(r, decision.current.get(r, 0)) for r in decision.desired},
-        placeable_units=placeable,
-        requested_units=k,
-        pending_units=k - placeable,
-        reasons=reasons,
-        message=f"placed {placeable} of {_units_word(k)}: {why}",
-        cost=result.cost,
+        desired=out.desired,
+        placeable_units=out.placeable_units,
+        requested_units=out.requested_units,
+        pending_units=out.pending_units,
+        reasons=out.reasons,
+        message=out.message,
+        cost=out.cost,
     )
 
 

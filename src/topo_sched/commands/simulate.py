@@ -88,7 +88,7 @@ def simulate(
         typer.Option(
             "--scaling",
             help="Scaling policies to compare (repeatable or comma-separated): coordinated, "
-            "independent, static-peak, oracle.",
+            "placement-aware, independent, static-peak, oracle.",
         ),
     ] = None,
     quick: Annotated[
@@ -106,7 +106,7 @@ def simulate(
     from topo_sched.sim.runner import prepare, run_all
     from topo_sched.sim.scenario import (
         PLACEMENT_POLICIES,
-        SCALING_POLICIES,
+        SCALING_POLICY_NAMES,
         ScenarioError,
         default_scenario,
         load_scenario,
@@ -115,7 +115,7 @@ def simulate(
 
     err = Console(stderr=True)
     pl = _names(placement, PLACEMENT_POLICIES, "--placement")
-    sl = _names(scaling, SCALING_POLICIES, "--scaling")
+    sl = _names(scaling, SCALING_POLICY_NAMES, "--scaling")
     try:
         sc = load_scenario(scenario) if scenario is not None else default_scenario()
         cluster_file = str(cluster) if cluster is not None else None

@@ -6,8 +6,8 @@
   (``coordinated`` when it is compared), policies named ``topology-aware``, ``default``,
   ``random``, ``optimal``;
 - ``scaling.<policy>``: one run per scaling policy, all with the same placement policy
-  (``topology-aware`` when it is compared), policies named ``coordinated``, ``independent``,
-  ``static-peak``, ``oracle``.
+  (``topology-aware`` when it is compared), policies named ``coordinated``,
+  ``placement-aware``, ``independent``, ``static-peak``, ``oracle``.
 
 Each run has the same metric keys (:data:`RUN_KEYS` are the ones every run has). A policy that
 was not run (``optimal`` on a cluster larger than ``optimal_max_nodes``) has every key set to
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from topo_sched.sim.runner import PAIR_LEVELS, RunResult, SimResults
-from topo_sched.sim.scenario import PLACEMENT_POLICIES, SCALING_POLICIES
+from topo_sched.sim.scenario import PLACEMENT_POLICIES, SCALING_POLICY_NAMES
 
 SCHEMA = "topo-sched.io/simulate-results/v1"
 
@@ -49,6 +49,9 @@ RUN_KEYS = (
     "scaling_actions",
     "ratio_violations",
     "half_placed_unit_ticks",
+    "half_placed_units_max",
+    "pending_unit_ticks",
+    "pending_units_max",
     "pending_pod_ticks",
     "tp_single_island_fraction",
     "pd_same_rack_fraction",
@@ -63,6 +66,7 @@ COLORS = {
     "random": "#7570b3",
     "optimal": "#3b3b3b",
     "coordinated": "#1b9e77",
+    "placement-aware": "#e6ab02",
     "independent": "#e7298a",
     "static-peak": "#8c8c8c",
     "oracle": "#386cb0",
@@ -107,7 +111,7 @@ def results_dict(res: SimResults) -> dict[str, Any]:
         else:
             placement[p] = _skipped(res.skipped.get((p, base_s), "not run"))
     scaling: dict[str, Any] = {}
-    for s in SCALING_POLICIES:
+    for s in SCALING_POLICY_NAMES:
         if s not in sc.policies.scaling:
             continue
         if (base_p, s) in res.runs:
@@ -134,6 +138,18 @@ def results_dict(res: SimResults) -> dict[str, Any]:
         comparison["gpu_hours_change_coordinated_vs_static_peak"] = round(
             co["gpu_hours"] / sp["gpu_hours"] - 1.0, 4
         )
+    pa = scaling.get("placement-aware")
+    if co and pa and co.get("gpu_hours") is not None and pa.get("gpu_hours") is not None:
+        comparison["placement_aware_vs_coordinated"] = {
+            k: {"coordinated": co[k], "placement-aware": pa[k]}
+            for k in (
+                "half_placed_unit_ticks",
+                "pending_unit_ticks",
+                "slo_attainment",
+                "gpu_hours",
+                "ttft_p90_s",
+            )
+        }
     return {
         "schema": SCHEMA,
         "scenario": {
@@ -577,6 +593,7 @@ SCALING_COLUMNS = (
     ("scaling_actions", "actions", "int"),
     ("ratio_violations", "ratio violations", "int"),
     ("half_placed_unit_ticks", "half-placed unit-ticks", "int"),
+    ("pending_unit_ticks", "pending unit-ticks", "int"),
 )
 
 
@@ -631,6 +648,19 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"Coordinated scaling used {co['gpu_hours']:.1f} GPU-hours and met the SLO for "
             f"{100 * co['slo_attainment']:.1f}% of requests; static peak provisioning used "
             f"{sp['gpu_hours']:.1f} GPU-hours for {100 * sp['slo_attainment']:.1f}%."
+        )
+    pa = scl.get("placement-aware")
+    if co and pa and co.get("gpu_hours") is not None and pa.get("gpu_hours") is not None:
+        gate = pa.get("placement_gate") or {}
+        out.append(
+            f"Placement-aware scaling (coordinated, asking the placement what-if before each "
+            f"scale-up) had {pa['half_placed_unit_ticks']} half-placed unit-ticks and "
+            f"{pa['pending_unit_ticks']} pending unit-ticks against coordinated's "
+            f"{co['half_placed_unit_ticks']} and {co['pending_unit_ticks']}; it met the SLO for "
+            f"{100 * pa['slo_attainment']:.1f}% of requests (coordinated "
+            f"{100 * co['slo_attainment']:.1f}%) with {pa['gpu_hours']:.1f} GPU-hours "
+            f"(coordinated {co['gpu_hours']:.1f}); its gate left out "
+            f"{gate.get('units_left_out', 0)} of {gate.get('units_requested', 0)} units asked."
         )
     ind = scl.get("independent")
     if ind and ind.get("ratio_violations") is not None:

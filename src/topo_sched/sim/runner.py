@@ -8,6 +8,15 @@ One *run* is one (placement policy, scaling policy) pair on one scenario. Every 
    - ``coordinated``: :func:`topo_sched.scaling.policy.decide` (the autoscaler's own policy)
      with the service's :class:`~topo_sched.scaling.config.Target` on
      :meth:`ServiceSim.signals` (the simulated Prometheus);
+   - ``placement-aware``: the coordinated decision, then, for a scale-up, the live
+     autoscaler's placement gate (:mod:`topo_sched.scaling.gate`, the rules
+     :mod:`topo_sched.autoscaler.placement_gate` applies): the new whole ratio units are put
+     to :func:`topo_sched.placement.whatif.what_if` on the run's current snapshot, with the
+     extender's engine in a kube-scheduler model that breaks ties by node name (as the
+     extender's gRPC ``WhatIf`` does), and only the units that fit are requested; the rest are
+     pending capacity until the next decision. Scale-downs and holds as coordinated. The pods
+     it orders are scheduled before the next service's decision, so two services of one tick
+     never count the same free GPUs;
    - ``independent``: one HPA per role (:class:`HpaRole`), each on its own signal: prefill on
      prompt tokens/s against ``capacity.prefill_tokens_per_second`` per replica, decode on
      running + waiting sequences against ``capacity.decode_sequences`` per replica;
@@ -63,9 +72,11 @@ from topo_sched import labels as L
 from topo_sched.placement.config import PlacementConfig
 from topo_sched.placement.engine import PlacementEngine
 from topo_sched.placement.snapshot import ClusterSnapshot
+from topo_sched.placement.whatif import RoleRequest, WhatIfRequest, what_if
 from topo_sched.scaling.config import Target
+from topo_sched.scaling.gate import apply_gate, gate_outcome, scale_up_ask
 from topo_sched.scaling.policy import ScalingState, decide
-from topo_sched.scaling.signals import RoleReplicas, TargetSignals
+from topo_sched.scaling.signals import Decision, RoleReplicas, TargetSignals
 from topo_sched.sim.cluster_builder import make_rbg_pod
 from topo_sched.sim.models import ModelSpec, get_model
 from topo_sched.sim.profile import EngineProfile, load_profile
@@ -755,12 +766,26 @@ class Run:
         self.half_placed_unit_ticks = 0
         self.half_placed_units_max = 0
         self.pending_pod_ticks = 0
+        self.pending_unit_ticks = 0
+        self.pending_units_max = 0
+        #: Per service: units the placement gate left out at its last decision.
+        self.gate_pending: dict[str, int] = {s.name: 0 for s in sc.services}
+        self.gate_stats: Counter[str] = Counter()
+        self.gate_reasons: Counter[str] = Counter()
+        self.whatif_engine: PlacementEngine | None = None
+        self.whatif_scheduler: SchedulerModel | None = None
+        if scaling == "placement-aware":
+            # As the extender's gRPC WhatIf: its own engine, ties broken by node name.
+            self.whatif_engine = PlacementEngine(PlacementConfig())
+            self.whatif_scheduler = SchedulerModel(
+                self.whatif_engine, sc.extender_weight, tie_break="name"
+            )
         self.pair_levels: Counter[str] = Counter()
         self.series: dict[str, Any] = {"t": [], "services": {}, "cluster": {}}
         for s in sc.services:
             self.series["services"][s.name] = {
                 f"{k}_{r}": [] for k in ("spec", "ready", "demand") for r in ROLES
-            } | {"gpus": []}
+            } | {"gpus": [], "pending_units": []}
         for k in ("gpus_services", "gpus_busy", "mean_largest_free_island", "free_8gpu_islands"):
             self.series["cluster"][k] = []
         self.notes: list[str] = []
@@ -960,11 +985,15 @@ class Run:
         info = self.info[svc.name]
         w = info.weights
         cur = self.spec_replicas[svc.name]
-        if self.scaling == "coordinated":
+        if self.scaling in ("coordinated", "placement-aware"):
             assert sig is not None
-            dec, self.states[svc.name] = decide(
-                info.target, sig, self.replicas(svc.name, now), self.states[svc.name], now
-            )
+            before = self.states[svc.name]
+            dec, state = decide(info.target, sig, self.replicas(svc.name, now), before, now)
+            if self.scaling == "placement-aware":
+                # What the state would be had no change been made (the controller's way).
+                unchanged = replace(state, changes=before.changes)
+                dec, state = self.gate(svc.name, dec, state, unchanged, now)
+            self.states[svc.name] = state
             self.decision_codes[dec.code] += 1
             return {r: dec.desired[r] for r in ROLES}
         if self.scaling == "independent":
@@ -987,6 +1016,62 @@ class Run:
         else:  # oracle
             units = dm.units_over(now, now + self.sc.startup_s + self.sc.scale_interval_s)
         return {r: units * w[r] for r in ROLES}
+
+    def role_request(self, service: str, role: str, replicas: int) -> RoleRequest:
+        """One role's share of a what-if unit: pods shaped as :meth:`_create` makes them."""
+        info = self.info[service]
+        tp = info.spec.prefill_tp if role == PREFILL else info.spec.decode_tp
+        ann = {L.ANNOTATION_KV_BYTES_PER_TOKEN: str(info.model.kv_bytes_per_token)}
+        tpl = make_rbg_pod(NAMESPACE, service, role, 0, tp, annotations=ann)
+        meta = tpl["metadata"]
+        return RoleRequest(
+            name=role,
+            pods_per_unit=replicas,
+            gpus_per_pod=tp,
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+    def gate(
+        self,
+        service: str,
+        dec: Decision,
+        state: ScalingState,
+        unchanged: ScalingState,
+        now: float,
+    ) -> tuple[Decision, ScalingState]:
+        """The placement gate on a coordinated decision (``placement-aware``): what-if on the
+        current snapshot for the new units; only the units that fit are requested."""
+        info = self.info[service]
+        self.gate_pending[service] = 0
+        ask = scale_up_ask(info.target, dec)
+        if ask is None:  # hold, scale-down: nothing to ask
+            return dec, state
+        assert self.whatif_engine is not None and self.whatif_scheduler is not None
+        roles = tuple(
+            self.role_request(service, r, ask.replicas[r]) for r in ROLES if r in ask.replicas
+        )
+        req = WhatIfRequest(NAMESPACE, service, ask.units, roles, all_or_nothing=True)
+        res = what_if(self.snap, self.whatif_engine, self.whatif_scheduler, req)
+        out = gate_outcome(
+            info.target,
+            dec,
+            ask,
+            res.units_placeable,
+            [r.message for r in res.reasons],
+            res.cost,
+        )
+        self.gate_stats["checks"] += 1
+        self.gate_stats["units_requested"] += out.requested_units
+        self.gate_stats["units_placeable"] += out.placeable_units
+        self.gate_stats["units_left_out"] += out.pending_units
+        if out.pending_units:
+            self.gate_stats["held" if out.placeable_units == 0 else "cut"] += 1
+            for reason in res.reasons:
+                for code, _n in reason.rejections or (("unschedulable", 0),):
+                    self.gate_reasons[f"{reason.role}: {code}"] += 1
+        self.gate_pending[service] = out.pending_units
+        return apply_gate(info.target, dec, out, state, unchanged, now)
 
     def in_ratio(self, svc: ServiceSpec, reps: dict[str, int]) -> bool:
         w = self.info[svc.name].weights
@@ -1025,13 +1110,21 @@ class Run:
             reps = {r: sorted(self.active(svc.name, r), key=lambda p: p.index) for r in ROLES}
             units = max(math.ceil(len(reps[r]) / w[r]) for r in ROLES)
             half = 0
+            # Units the policy wanted that do not serve whole: a pod still waiting for a node
+            # (half-placed ones included), and units the placement gate left out.
+            pending = self.gate_pending[svc.name]
             for u in range(units):
                 members = [p for r in ROLES for p in reps[r][u * w[r] : (u + 1) * w[r]]]
                 placed = sum(1 for p in members if p.bound)
                 if 0 < placed < len(members):
                     half += 1
+                if placed < len(members):
+                    pending += 1
             self.half_placed_unit_ticks += half
             self.half_placed_units_max = max(self.half_placed_units_max, half)
+            self.pending_unit_ticks += pending
+            self.pending_units_max = max(self.pending_units_max, pending)
+            ser["pending_units"].append(pending)
             self.pending_pod_ticks += sum(1 for r in ROLES for p in reps[r] if not p.bound)
             # PD pairs by shared level (pods that serve now).
             ready = {
@@ -1093,13 +1186,16 @@ class Run:
             if in_traffic and k > 0 and k % every == 0 and self.scaling != "static-peak":
                 for svc in sc.services:
                     sig = None
-                    if self.scaling in ("coordinated", "independent"):
+                    if self.scaling in ("coordinated", "placement-aware", "independent"):
                         pct = svc.autoscaler.slo.percentile
                         sig = self.sims[svc.name].signals(max(0.0, t0 - window), t0, pct)
                     want = self.desired(svc, t0, sig)
                     if not self.in_ratio(svc, want):
                         self.ratio_violations += 1
                     self.set_replicas(svc.name, want, t0)
+                    if self.scaling == "placement-aware":
+                        # Bound before the next service's what-if looks at the snapshot.
+                        self.place_pending(t0)
             elif in_traffic and k == 0:
                 for svc in sc.services:
                     if not self.in_ratio(svc, self.spec_replicas[svc.name]):
@@ -1215,6 +1311,8 @@ class Run:
             "ratio_violations": self.ratio_violations,
             "half_placed_unit_ticks": self.half_placed_unit_ticks,
             "half_placed_units_max": self.half_placed_units_max,
+            "pending_unit_ticks": self.pending_unit_ticks,
+            "pending_units_max": self.pending_units_max,
             "pending_pod_ticks": self.pending_pod_ticks,
             "pods_created": len(self.pods),
             "tp_groups": len(tp_pods),
@@ -1231,8 +1329,17 @@ class Run:
             "drain_ticks": drain_ticks,
             "services": per_service,
         }
-        if self.scaling == "coordinated":
+        if self.scaling in ("coordinated", "placement-aware"):
             metrics["decision_codes"] = dict(sorted(self.decision_codes.items()))
+        if self.scaling == "placement-aware":
+            g = self.gate_stats
+            metrics["placement_gate"] = {
+                k: g[k] for k in ("checks", "units_requested", "units_placeable", "units_left_out")
+            } | {
+                "held": g["held"],
+                "cut": g["cut"],
+                "reasons": dict(sorted(self.gate_reasons.items())),
+            }
         if isinstance(self.placer, OptimalPlacer):
             metrics["ilp_solves"] = self.placer.solves
             metrics["ilp_not_optimal"] = self.placer.not_optimal

@@ -35,13 +35,18 @@ from topo_sched.sim.cluster_builder import (
 )
 
 PLACEMENT_POLICIES = ("topology-aware", "default", "random", "optimal")
+#: Scaling policies compared when a scenario names none.
 SCALING_POLICIES = ("coordinated", "independent", "static-peak", "oracle")
+#: Every scaling policy the simulator knows; ``placement-aware`` (coordinated, with each
+#: scale-up put to the placement what-if first) is compared only where a scenario or
+#: ``--scaling`` names it: on a roomy cluster it decides exactly as coordinated does.
+SCALING_POLICY_NAMES = ("coordinated", "placement-aware", "independent", "static-peak", "oracle")
 CLUSTER_PRESETS = ("two-zone-hgx-pcie", "all-hgx", "tight", "nodes")
 #: Names a trace loader knows without a file (the Azure traces shipped in the package).
 BUILTIN_TRACES = ("azure-conv", "azure-code")
 
 PlacementName = Literal["topology-aware", "default", "random", "optimal"]
-ScalingName = Literal["coordinated", "independent", "static-peak", "oracle"]
+ScalingName = Literal["coordinated", "placement-aware", "independent", "static-peak", "oracle"]
 
 
 class ScenarioError(ValueError):
