@@ -136,9 +136,11 @@ def test_static_peak_uses_at_least_the_gpu_hours_of_coordinated(quick_default):
 
 
 def test_independent_hpas_break_the_ratio_where_coordinated_does_not():
-    """Over a longer window (demand moves), per-role HPAs leave the roles out of ratio."""
+    """Over a longer window where demand outgrows the first units, per-role HPAs leave the
+    roles out of ratio; the coordinated policy never does."""
     data = default_scenario().model_dump()
     data["traffic"]["window"] = {"start_s": 1200, "duration_s": 900}
+    data["traffic"]["rate"] = 5  # enough that both policies must scale in this window
     data["policies"] = {"placement": ["topology-aware"], "scaling": ["coordinated", "independent"]}
     res = run_all(prepare(parse_scenario(data)))
     co = res.runs["topology-aware", "coordinated"].metrics
@@ -303,15 +305,12 @@ def test_optimal_places_a_pd_pair_together_on_a_small_cluster():
 
 # -- placement-aware scaling on the tight cluster ---------------------------------------------
 
-#: The stretch of the trace where chat needs its third unit on the tight cluster (32 GPUs):
-#: the coordinated policy's first scale-ups, ten minutes, about 12,000 requests.
-TIGHT_WINDOW = {"start_s": 1200, "duration_s": 600}
-
-
 def _tight_window_file(tmp: Path) -> Path:
+    """The whole tight scenario (about 10 s): chat asks for its third unit about 25 minutes
+    in, when the cluster has room for its prefills but not its decode. A shorter window
+    starts the autoscaler without that history and does not reach the same moment."""
     data = yaml.safe_load((REPO / "simulations" / "tight-cluster.yaml").read_text())
-    data["traffic"]["window"] = dict(TIGHT_WINDOW)
-    f = tmp / "tight-window.yaml"
+    f = tmp / "tight.yaml"
     f.write_text(yaml.safe_dump(data, sort_keys=False))
     return f
 
@@ -339,7 +338,9 @@ def test_tight_cluster_is_the_default_services_and_traffic_on_fewer_gpus():
     tight = load_scenario(REPO / "simulations" / "tight-cluster.yaml")
     default = default_scenario()
     assert tight.services == default.services
-    assert tight.traffic == default.traffic
+    # Same trace and pace; a higher rate, so that GPUs run out at the peak.
+    assert tight.traffic.model_copy(update={"rate": default.traffic.rate}) == default.traffic
+    assert tight.traffic.rate >= default.traffic.rate
     assert "placement-aware" in tight.policies.scaling
     nodes, background = build_cluster(tight.cluster, tight.seed)
     gpus = 8 * len(nodes) - sum(
@@ -419,7 +420,8 @@ def test_placement_aware_is_deterministic(tight_window, tmp_path):
 def test_placement_aware_decides_as_coordinated_where_everything_fits():
     """On the roomy default cluster every what-if fits: the same run as coordinated."""
     data = default_scenario().model_dump()
-    data["traffic"]["window"] = dict(TIGHT_WINDOW)
+    data["traffic"]["window"] = {"start_s": 1200, "duration_s": 900}
+    data["traffic"]["rate"] = 5  # so that it scales up inside the window
     data["policies"] = {"placement": ["topology-aware"], "scaling": ["coordinated"]}
     data["policies"]["scaling"].append("placement-aware")
     res = run_all(prepare(parse_scenario(data)))

@@ -261,7 +261,7 @@ class Scenario(_Cfg):
     traffic: TrafficSpec = TrafficSpec()
     policies: PoliciesSpec = PoliciesSpec()
     #: Engine profile: a bundled name or a JSON file (see topo_sched.sim.profile).
-    profile: str = "default-h100"
+    profile: str = "h100-measured"
     seed: int = 0
     #: Simulated seconds per step of the serving model.
     tick_s: float = Field(30.0, gt=0, le=3600)
