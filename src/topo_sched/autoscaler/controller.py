@@ -121,7 +121,8 @@ from topo_sched.autoscaler.placement_gate import (
 from topo_sched.kube import rbg as rbgapi
 from topo_sched.kube.errors import KubeError, NotFound
 from topo_sched.scaling.config import AutoscalerConfig, Target
-from topo_sched.scaling.policy import ScalingState, decide, units_of
+from topo_sched.scaling.gate import apply_gate
+from topo_sched.scaling.policy import ScalingState, decide
 from topo_sched.scaling.signals import Decision, TargetSignals
 
 log = logging.getLogger(__name__)
@@ -560,34 +561,10 @@ class Controller:
             )
             reason = f"{decision.reason}; placement not checked ({gate.cause})"
             return dataclasses.replace(decision, reason=reason), new_state, gate
-        if not gate.pending_units:
-            if gate.checked:
-                log.debug("target %s: %s", target.rbg, gate.message)
-            return decision, new_state, gate
-        if gate.desired == decision.current:
-            held = dataclasses.replace(
-                decision,
-                desired=dict(decision.current),
-                action="hold",
-                reason=f"{decision.reason}; {gate.message}; holding",
-                code="unplaceable",
-                units_desired=decision.units_current,
-            )
-            return held, unchanged, gate
-        wanted = shape_text(decision.desired)
-        reason = decision.reason
-        head = f"scale up to {wanted}"
-        if reason.startswith(head):
-            reason = f"scale up to {shape_text(gate.desired)}{reason[len(head) :]}"
-        cur_units = units_of(target, decision.current)
-        new_units = units_of(target, gate.desired)
-        partial = dataclasses.replace(
-            decision,
-            desired=dict(gate.desired),
-            reason=f"{reason}; {gate.message} (wanted {wanted})",
-            units_desired=new_units,
-        )
-        return partial, unchanged.record_change(now, cur_units, new_units), gate
+        if not gate.pending_units and gate.checked:
+            log.debug("target %s: %s", target.rbg, gate.message)
+        decided, state = apply_gate(target, decision, gate, new_state, unchanged, now)
+        return decided, state, gate
 
     def _pending_capacity_event(
         self,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from topo_sched.scaling.config import Mode, Target
 from topo_sched.scaling.policy import ScalingState, replicas_for_units, units_of
@@ -162,10 +163,23 @@ def gate_outcome(
     )
 
 
+class GateAnswer(Protocol):
+    """What :func:`apply_gate` reads of a gate's answer (GateOutcome, the live GateResult)."""
+
+    @property
+    def desired(self) -> dict[str, int]: ...
+
+    @property
+    def pending_units(self) -> int: ...
+
+    @property
+    def message(self) -> str: ...
+
+
 def apply_gate(
     target: Target,
     decision: Decision,
-    outcome: GateOutcome,
+    outcome: GateAnswer,
     new_state: ScalingState,
     unchanged: ScalingState,
     now: float,
