@@ -208,3 +208,13 @@ def _list_pages(
         token = metadata.get("continue")
         if not token:
             return result
+
+
+def selector_kwargs(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
+    """The list/watch keyword arguments for the selectors that are set."""
+    kwargs: dict[str, str] = {}
+    if label_selector:
+        kwargs["label_selector"] = label_selector
+    if field_selector:
+        kwargs["field_selector"] = field_selector
+    return kwargs

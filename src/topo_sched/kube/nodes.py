@@ -20,7 +20,7 @@ from typing import Any
 
 import kubernetes.client
 
-from topo_sched.kube.client import call_json, list_all
+from topo_sched.kube.client import call_json, list_all, selector_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def list_nodes(
     page_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """All nodes (matching the selectors), following pagination when ``page_size`` is set."""
-    kwargs = _selectors(label_selector, field_selector)
+    kwargs = selector_kwargs(label_selector, field_selector)
     api = kubernetes.client.CoreV1Api(api_client)
     return list_all(api.list_node, page_size=page_size, **kwargs).items
 
@@ -60,12 +60,3 @@ def patch_node_annotations(
     node = call_json(api.patch_node, node_name, {"metadata": metadata}, _content_type=MERGE_PATCH)
     log.debug("patched annotations %s on node %s", sorted(annotations), node_name)
     return dict((node.get("metadata") or {}).get("annotations") or {})
-
-
-def _selectors(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
-    kwargs: dict[str, str] = {}
-    if label_selector:
-        kwargs["label_selector"] = label_selector
-    if field_selector:
-        kwargs["field_selector"] = field_selector
-    return kwargs

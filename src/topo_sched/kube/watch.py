@@ -57,7 +57,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
-from topo_sched.kube.client import list_all
+from topo_sched.kube.client import list_all, selector_kwargs
 from topo_sched.kube.errors import Gone, from_api_exception, from_status
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class ListWatch:
     ) -> None:
         self._list_func = list_func
         self._list_args = list_args
-        self._selectors = _selector_kwargs(label_selector, field_selector)
+        self._selectors = selector_kwargs(label_selector, field_selector)
         self._handlers = _handlers(on_event)
         self._page_size = page_size
         self._watch_timeout_s = watch_timeout_seconds
@@ -317,15 +317,6 @@ class ListWatch:
                     event_type,
                     object_key(obj),
                 )
-
-
-def _selector_kwargs(label_selector: str | None, field_selector: str | None) -> dict[str, str]:
-    kwargs: dict[str, str] = {}
-    if label_selector:
-        kwargs["label_selector"] = label_selector
-    if field_selector:
-        kwargs["field_selector"] = field_selector
-    return kwargs
 
 
 def _handlers(on_event: EventHandler | Iterable[EventHandler] | None) -> list[EventHandler]:

@@ -458,14 +458,18 @@ def plot_gpu_use(res: SimResults, out: Path) -> tuple[str, str] | None:
     return name, "GPUs the services hold over time, per scaling policy."
 
 
-def plot_placement(res: SimResults, out: Path) -> tuple[str, str] | None:
-    plt = _plt()
-    sc = res.prep.scenario
-    runs = [
+def _placement_runs(res: SimResults) -> list[tuple[str, Any]]:
+    """(placement policy, its run) under the base scaling policy, in scenario order."""
+    return [
         (p, res.runs[p, res.base_scaling])
-        for p in sc.policies.placement
+        for p in res.prep.scenario.policies.placement
         if (p, res.base_scaling) in res.runs
     ]
+
+
+def plot_placement(res: SimResults, out: Path) -> tuple[str, str] | None:
+    plt = _plt()
+    runs = _placement_runs(res)
     if not runs:
         return None
     names = [p for p, _ in runs]
@@ -526,12 +530,7 @@ def plot_placement(res: SimResults, out: Path) -> tuple[str, str] | None:
 
 def plot_fragmentation(res: SimResults, out: Path) -> tuple[str, str] | None:
     plt = _plt()
-    sc = res.prep.scenario
-    runs = [
-        (p, res.runs[p, res.base_scaling])
-        for p in sc.policies.placement
-        if (p, res.base_scaling) in res.runs
-    ]
+    runs = _placement_runs(res)
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
