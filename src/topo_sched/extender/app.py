@@ -119,7 +119,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def _parse_json(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_reject_constant)
+    # orjson is strict JSON and several times faster on a 1,000-name ExtenderArgs. When it
+    # refuses a body, the stdlib parser (with NaN/Infinity refused) says what is wrong in
+    # words a user can act on; bad bodies are rare, so the slow path costs nothing.
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body, parse_constant=_reject_constant)
 
 
 def _render_json(content: Any) -> bytes:
@@ -732,19 +738,24 @@ def create_app(
             scores, label = await ext.call(ext.run_prioritize, pod, names)
         except PodSpecError as e:
             return bad_request("prioritize", _BadRequest("pod_spec", str(e)), started)
-        if scores:
-            best = max(scores, key=operator.itemgetter("Score"))
-            best_text = f" best={best['Host']}:{best['Score']}"
-        else:
+        # One INFO line per pod comes from filter (with its rejections) and one from bind
+        # (the node chosen); prioritize's line is DEBUG unless something was off. Two log
+        # writes per request measurably lengthen the scheduler's cycle at 1,000 nodes.
+        level = logging.DEBUG if label == "ok" else logging.INFO
+        if log.isEnabledFor(level):
             best_text = ""
-        log.info(
-            "prioritize: pod %s nodes=%d%s (%s, %.1f ms)",
-            _pod_label(pod),
-            len(names),
-            best_text,
-            label,
-            (time.perf_counter() - started) * 1000,
-        )
+            if scores:
+                best = max(scores, key=operator.itemgetter("Score"))
+                best_text = f" best={best['Host']}:{best['Score']}"
+            log.log(
+                level,
+                "prioritize: pod %s nodes=%d%s (%s, %.1f ms)",
+                _pod_label(pod),
+                len(names),
+                best_text,
+                label,
+                (time.perf_counter() - started) * 1000,
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "prioritize: pod %s scores %s",
