@@ -1,7 +1,8 @@
 """Placement quality: kube-scheduler with the topo-sched extender against the default scheduler.
 
 Runs the scenario of ``tests/test_placement_quality.py``
-(``topo_sched.sim.scenarios.placement_quality_scenario``: 64 nodes, 8 racks x 8, HGX H100 and
+(``topo_sched.sim.placement_quality.placement_quality_scenario``: 64 nodes, 8 racks x 8,
+HGX H100 and
 2-socket PCIe boxes from real ``nvidia-smi topo -m`` captures, 2P1D RBG groups with TP 1-8, a
 4 x 8-GPU leader/worker instance, background pods, a recreated pod) through the kube-scheduler
 model with the extender (weight 20) and without it, and prints one table per tie-break seed
@@ -17,7 +18,7 @@ import argparse
 import time
 
 from topo_sched.placement.engine import PlacementEngine
-from topo_sched.sim.scenarios import (
+from topo_sched.sim.placement_quality import (
     METRIC_HELP,
     METRICS,
     format_table,

@@ -1,6 +1,6 @@
 """Placement quality: kube-scheduler with the topo-sched extender against the default scheduler.
 
-The scenario (``topo_sched.sim.scenarios.placement_quality_scenario``, shared with
+The scenario (``topo_sched.sim.placement_quality.placement_quality_scenario``, shared with
 ``benchmarks/placement_quality.py``): 64 nodes, 8 racks x 8, racks 0-5 HGX H100 (one NVLink
 island, a NIC per GPU) and racks 6-7 PCIe boxes with two NUMA nodes, both from real
 ``nvidia-smi topo -m`` captures; a busy background of non-RBG pods; 2P1D groups with TP 1, 2,
@@ -30,7 +30,7 @@ from topo_sched.sim.cluster_builder import (
     make_rbg_pod,
     node_name,
 )
-from topo_sched.sim.scenarios import (
+from topo_sched.sim.placement_quality import (
     METRIC_HELP,
     METRICS,
     Run,

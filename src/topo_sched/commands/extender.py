@@ -460,7 +460,7 @@ def explain(
     cfg = _load_config(config)
     if pod_file is None and snapshot is None:
         from topo_sched.extender.state import ClusterState
-        from topo_sched.sim.scenarios import demo_cluster
+        from topo_sched.sim.placement_quality import demo_cluster
 
         nodes, pods, pod = demo_cluster()
         state = ClusterState.from_objects(nodes, pods, cfg)
