@@ -2,8 +2,8 @@
 
 Runs the scenario of ``tests/test_placement_quality.py``
 (``topo_sched.sim.placement_quality.placement_quality_scenario``: 64 nodes, 8 racks x 8,
-HGX H100 and
-2-socket PCIe boxes from real ``nvidia-smi topo -m`` captures, 2P1D RBG groups with TP 1-8, a
+HGX H100 and 2-socket PCIe boxes from real ``nvidia-smi topo -m`` captures, 2P1D RBG groups
+with TP 1-8, a
 4 x 8-GPU leader/worker instance, background pods, a recreated pod) through the kube-scheduler
 model with the extender (weight 20) and without it, and prints one table per tie-break seed
 and, with ``--seeds N``, the mean over seeds 0..N-1.

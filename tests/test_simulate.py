@@ -305,6 +305,7 @@ def test_optimal_places_a_pd_pair_together_on_a_small_cluster():
 
 # -- placement-aware scaling on the tight cluster ---------------------------------------------
 
+
 def _tight_window_file(tmp: Path) -> Path:
     """The whole tight scenario (about 10 s): chat asks for its third unit about 25 minutes
     in, when the cluster has room for its prefills but not its decode. A shorter window
