@@ -367,3 +367,22 @@ def test_fast_prioritize_equals_per_node_scoring():
     assert fast == list(zip(names, normalise(totals), strict=True))
     assert len({s for _, s in fast}) > 3  # a real spread of scores, not a degenerate case
     assert eng.prioritize(snap, p, names) == fast  # the cached node-list index gives the same
+
+
+def test_consecutive_pods_of_a_role_share_cached_terms_without_changing_scores():
+    """Pods of one role placed one after another reuse per-rack proximity results; each must
+    still score exactly as on a fresh engine, also after a binding changes the snapshot."""
+    nodes = [node(f"n{i}", f"r{i % 4}", hgx(), zone=f"z{i % 2}") for i in range(24)]
+    snap = ClusterSnapshot.from_objects(nodes, [pod("demo-decode-0", "decode", 2, "n5")])
+    names = [f"n{i}" for i in range(24)]
+    shared = PlacementEngine()
+    first = pod("demo-prefill-0", "prefill", 2)
+    shared.prioritize(snap, first, names)
+    for i in range(1, 4):
+        p = pod(f"demo-prefill-{i}", "prefill", 2)
+        assert shared.prioritize(snap, p, names) == PlacementEngine().prioritize(snap, p, names)
+        snap = snap.with_binding(p, "n9")  # same cluster tree, new free GPUs
+    other_group = pod("other-prefill-0", "prefill", 2, group="other")
+    assert shared.prioritize(snap, other_group, names) == PlacementEngine().prioritize(
+        snap, other_group, names
+    )

@@ -154,6 +154,7 @@ class PlacementEngine:
         self.config = config or PlacementConfig()
         self.terms = tuple(terms)
         self._memo: dict[tuple[int, str, str | None], PodContext] = {}
+        self._domain_memo: dict[tuple[Any, ...], dict[Any, tuple[float, float]]] = {}
 
     # -- context -------------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class PlacementEngine:
                     and (rbg.instance is None or p.pod.rbg.instance != rbg.instance)
                 ]
             ctx.counterparts = DomainCounts(cluster, other) if other else None
+            ctx.counterpart_nodes = tuple(sorted(other))
         if rbg.instance:
             ctx.members = [
                 p
@@ -242,13 +244,33 @@ class PlacementEngine:
         if ctx.plan is None:
             active = [(t, self._weight(ctx, t)) for t in self.terms]
             active = [(t, w) for t, w in active if w > 0 and t.active(ctx)]
-            ctx.plan = _Plan(
+            plan = _Plan(
                 node_terms=tuple((t, w) for t, w in active if t.scope == NODE),
                 domain_terms=tuple((t, w) for t, w in active if t.scope == DOMAIN),
                 name_terms=tuple((t, w) for t, w in active if t.scope == NAME),
                 checks=tuple(t for t in self.terms if t.can_reject(ctx)),
             )
+            plan.domain = self._shared_domain_cache(ctx, plan)
+            ctx.plan = plan
         return ctx.plan
+
+    def _shared_domain_cache(self, ctx: PodContext, plan: _Plan) -> dict[Any, tuple[float, float]]:
+        """The per-domain partial sums, shared by consecutive pods that would compute the same.
+
+        When prefill-decode proximity is the only domain term, a domain's partial depends on
+        nothing but the cluster's level tree, where the counterparts run and the weight: the
+        pods of one role placed one after another (a scale-up) share it. The key holds the
+        ClusterTopology object itself, so a rebuilt cluster never reuses an old entry.
+        """
+        if [t.name for t, _ in plan.domain_terms] != ["pd_proximity"]:
+            return {}
+        key = (ctx.snap.cluster, ctx.counterpart_nodes, plan.domain_terms[0][1])
+        cache = self._domain_memo.get(key)
+        if cache is None:
+            if len(self._domain_memo) >= 64:
+                self._domain_memo = {}
+            cache = self._domain_memo[key] = {}
+        return cache
 
     # -- verbs ---------------------------------------------------------------------------------
 

@@ -100,6 +100,8 @@ class PodContext:
     #: Where the other PD side of the group sits; before any is placed, where the group's
     #: other pods sit, so a group's pods gather where their counterparts can join them.
     counterparts: DomainCounts | None = None
+    #: The nodes ``counterparts`` counts, sorted: identifies it for caching across pods.
+    counterpart_nodes: tuple[str, ...] = ()
     members: list[Placement] = field(default_factory=list)  # same multi-node instance
     members_domains: DomainCounts | None = None
     pack_level: Level | None = None
